@@ -1,0 +1,1 @@
+"""Stage 1: run the instruct model over a token stream and write residual activations to the cache."""
