@@ -1,0 +1,43 @@
+"""Shared, session-scoped fixtures: the embedded model is loaded and small caches harvested once.
+
+The caches are real: SmolLM2-135M-Instruct (embedded) over the embedded chat/text data, through
+the same run_harvest the CLI calls. Layers [2, 5], a few thousand tokens, small chunks so that
+several chunk files exist.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CACHE_LAYERS = [2, 5]
+
+
+@pytest.fixture(scope="session")
+def embedded_model():
+    from harvest.models import EMBEDDED_MODEL, load_model, load_tokenizer
+
+    return load_model(EMBEDDED_MODEL), load_tokenizer(EMBEDDED_MODEL)
+
+
+def _harvest(path: Path, **kw) -> Path:
+    from harvest.run import HarvestConfig, run_harvest
+
+    run_harvest(HarvestConfig(out=path, layers=list(CACHE_LAYERS), chunk_tokens=512, batch_tokens=2048, **kw),
+                log=lambda *_: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fast_cache(tmp_path_factory, embedded_model) -> Path:
+    return _harvest(tmp_path_factory.mktemp("caches") / "fast", regime="fast", max_tokens=3000, context_size=256)
+
+
+@pytest.fixture(scope="session")
+def btp_cache(tmp_path_factory, embedded_model) -> Path:
+    return _harvest(tmp_path_factory.mktemp("caches") / "btp", regime="bt-p", max_tokens=2048, context_size=128)
+
+
+@pytest.fixture(scope="session")
+def btf_cache(tmp_path_factory, embedded_model) -> Path:
+    return _harvest(tmp_path_factory.mktemp("caches") / "btf", regime="bt-f", max_tokens=2048, context_size=128)
