@@ -1,23 +1,39 @@
-"""The command line: harvest -> train -> evaluate, each stage a subcommand (see README.md)."""
+"""The command line: harvest -> train -> evaluate, each stage a subcommand (see README.md).
+
+Subcommands are imported only when invoked, so `pipeline.py harvest` never imports the training
+or evaluation code (and `--help` stays fast).
+"""
 from __future__ import annotations
+
+import importlib
 
 import click
 
-from evaluate.cli import compare_cmd, evaluate_cmd
-from harvest.cli import harvest_cmd, info_cmd
-from train.cli import train_cmd
+_COMMANDS = {
+    "harvest": ("harvest.cli", "harvest_cmd"),
+    "info": ("harvest.cli", "info_cmd"),
+    "train": ("train.cli", "train_cmd"),
+    "evaluate": ("evaluate.cli", "evaluate_cmd"),
+    "compare": ("evaluate.cli", "compare_cmd"),
+    "demo": ("demo", "demo_cmd"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in _COMMANDS:
+            return None
+        module, attr = _COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
     """FAST: sparse autoencoders for instruct models, trained from a disk activation cache."""
 
-
-cli.add_command(harvest_cmd, "harvest")
-cli.add_command(info_cmd, "info")
-cli.add_command(train_cmd, "train")
-cli.add_command(evaluate_cmd, "evaluate")
-cli.add_command(compare_cmd, "compare")
 
 if __name__ == "__main__":
     cli()
