@@ -27,33 +27,37 @@ class Batch:
 
 
 def plan_batches(seq_starts: np.ndarray, row_tokens: int, batch_tokens: int) -> list[Batch]:
+    """Greedy, order-preserving packing.
+
+    A row takes consecutive sequences while they fit in ``row_tokens`` (a longer sequence gets a
+    row of its own); a batch takes rows while rows x longest row (its padded size) stays within
+    ``batch_tokens``. Short rows keep the attention cost of packing low: a packed row computes
+    attention over its whole length, so rows far longer than the sequences waste compute.
+    """
     lengths = np.diff(seq_starts)
-    if len(lengths) and lengths.max() > row_tokens:
-        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit a row of {row_tokens}")
-    batches: list[Batch] = []
     rows: list[list[tuple[int, int]]] = []
     row: list[tuple[int, int]] = []
     row_len = 0
-    batch_len = 0
-
-    def close_batch() -> None:
-        nonlocal rows, batch_len
-        if rows:
-            batches.append(Batch(rows[0][0][0], rows[-1][-1][1], rows))
-        rows, batch_len = [], 0
-
     for s, n in zip(seq_starts[:-1].tolist(), lengths.tolist()):
-        if row_len + n > row_tokens:
+        if row and row_len + n > row_tokens:
             rows.append(row)
-            batch_len += row_tokens
             row, row_len = [], 0
-            if batch_len + row_tokens > batch_tokens:
-                close_batch()
         row.append((s, s + n))
         row_len += n
     if row:
         rows.append(row)
-    close_batch()
+    batches: list[Batch] = []
+    current: list[list[tuple[int, int]]] = []
+    longest = 0
+    for r in rows:
+        n = r[-1][1] - r[0][0]
+        if current and (len(current) + 1) * max(longest, n) > batch_tokens:
+            batches.append(Batch(current[0][0][0], current[-1][-1][1], current))
+            current, longest = [], 0
+        current.append(r)
+        longest = max(longest, n)
+    if current:
+        batches.append(Batch(current[0][0][0], current[-1][-1][1], current))
     return batches
 
 

@@ -49,6 +49,8 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[
 @click.option("--chunk-tokens", type=int, default=4096, show_default=True, help="Tokens per chunk file.")
 @click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per forward batch.")
+@click.option("--row-tokens", type=int, default=512, show_default=True,
+              help="Target length of a packed row of consecutive sequences.")
 @click.option("--system-prompt", default=None,
               help="Add this system message to conversations without one (else the template's default applies).")
 @click.option("--doc-separator", type=click.Choice(SEPARATORS), default="none", show_default=True,

@@ -40,7 +40,7 @@ class HarvestConfig:
     chunk_tokens: int = 4096
     compression: str = "none"
     batch_tokens: int = 8192
-    row_tokens: int | None = None  # default: context_size
+    row_tokens: int = 512  # target length of a packed row (a longer sequence gets its own row)
     system_prompt: str | None = None
     doc_separator: str = "none"
     backend: str = "hf"
@@ -54,8 +54,6 @@ class HarvestConfig:
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.model_dtype == "auto":
             cfg.model_dtype = "bfloat16" if cfg.device.startswith("cuda") else "float32"
-        cfg.row_tokens = max(cfg.row_tokens or cfg.context_size, cfg.context_size)
-        cfg.batch_tokens = max(cfg.batch_tokens, cfg.row_tokens)
         cfg.layers = sorted(set(cfg.layers))
         return cfg
 

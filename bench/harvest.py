@@ -1,0 +1,100 @@
+"""Harvest throughput, as ratios measured in one run (not a test).
+
+  python bench/harvest.py [--tokens 8000] [--layers 3,15] [--device cpu]
+
+Prints tokens/s of
+  bare     the model's forward (all blocks, no hooks, nothing kept) over the harvest's packed batches,
+  harvest  the full harvest (capture + cast + chunked zarr writes + statistics pass) of the same tokens,
+           capturing the last block too (same compute as bare: measures the capture/write overhead),
+  early    the harvest of --layers only, which stops the forward after the deepest of them,
+  naive    one conversation at a time with output_hidden_states=True (no packing, no writes),
+and the ratios harvest/bare (goal >= 0.9), early/bare and harvest/naive.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from harvest.batching import batch_tensors, plan_batches  # noqa: E402
+from harvest.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_info  # noqa: E402
+from harvest.run import HarvestConfig, build_stream, run_harvest  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=EMBEDDED_MODEL)
+    ap.add_argument("--tokens", type=int, default=8000)
+    ap.add_argument("--layers", default="3,15")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--context-size", type=int, default=1024)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")]
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, device=args.device,
+                       dtype="bfloat16" if args.device.startswith("cuda") else "float32")
+    _, n_layers = model_info(model)
+    base = dict(model=args.model, max_tokens=args.tokens, context_size=args.context_size, device=args.device,
+                batch_tokens=args.batch_tokens)
+    cfg = HarvestConfig(out=Path("unused"), **base).resolved()
+    stream, _, _ = build_stream(cfg, tok)
+    n = len(stream.ids)
+    batches = plan_batches(stream.seq_starts, cfg.row_tokens, cfg.batch_tokens)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def bare() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for b in batches:
+                bt = batch_tensors(b, stream.ids, tok.pad_token_id or 0)
+                kw = {"input_ids": bt.input_ids.to(args.device), "position_ids": bt.position_ids.to(args.device),
+                      "use_cache": False}
+                if bt.attention_mask is not None:
+                    kw["attention_mask"] = bt.attention_mask.to(args.device)
+                model.model(**kw)
+        sync()
+        return n / (time.perf_counter() - t)
+
+    def harvest(capture: list[int]) -> float:
+        out = Path(tempfile.mkdtemp()) / "c"
+        t = time.perf_counter()
+        run_harvest(HarvestConfig(out=out, layers=capture, **base), log=lambda *_: None)
+        rate = n / (time.perf_counter() - t)
+        shutil.rmtree(out.parent)
+        return rate
+
+    def naive() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for s, e in zip(stream.seq_starts[:-1], stream.seq_starts[1:]):
+                ids = torch.tensor(stream.ids[s:e][None].astype(np.int64), device=args.device)
+                hs = model(ids, output_hidden_states=True).hidden_states
+                _ = [hs[layer + 1][0].float().cpu().numpy() for layer in layers]
+        sync()
+        return n / (time.perf_counter() - t)
+
+    bare()  # warm-up
+    r_bare = bare()
+    r_harvest = harvest(sorted({*layers, n_layers - 1}))
+    r_early = harvest(layers)
+    r_naive = naive()
+    print(f"model {args.model} on {args.device} ({torch.get_num_threads()} threads); {n} tokens in "
+          f"{len(stream.seq_starts) - 1} FAST sequences; {len(batches)} packed batches")
+    print(f"bare forward            {r_bare:9.0f} tok/s")
+    print(f"harvest (layers ..{n_layers - 1})   {r_harvest:9.0f} tok/s   harvest/bare = {r_harvest / r_bare:.2f}  (goal >= 0.9)")
+    print(f"harvest (layers {args.layers})  {r_early:9.0f} tok/s   early/bare   = {r_early / r_bare:.2f}")
+    print(f"naive per-sample        {r_naive:9.0f} tok/s   harvest/naive = {r_harvest / r_naive:.2f}, "
+          f"early/naive = {r_early / r_naive:.2f}")
+
+
+if __name__ == "__main__":
+    main()

