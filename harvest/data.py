@@ -63,7 +63,8 @@ def _python_docs() -> Iterator[str]:
             yield text
 
 
-def _hf_rows(src: DataSource) -> Iterable[dict[str, Any]]:
+def _hf_rows(src: DataSource) -> Iterator[dict[str, Any]]:
+    """Rows of a hub dataset (streamed: no full download for a token budget) or of local files."""
     import datasets
 
     path = Path(src.name)
@@ -74,12 +75,15 @@ def _hf_rows(src: DataSource) -> Iterable[dict[str, Any]]:
             builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
             if builder is None:
                 raise DataError(f"{src.name}: expected .json, .jsonl, .parquet or .csv files")
-            return datasets.load_dataset(builder, data_files=files, split="train")
-        return datasets.load_dataset(src.name, src.config, split=src.split)
+            rows: Iterable[dict[str, Any]] = datasets.load_dataset(builder, data_files=files, split="train")
+        else:
+            rows = datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
+        yield from rows
     except DataError:
         raise
     except Exception as exc:  # datasets raises many kinds (network, schema, missing split)
-        raise DataError(f"dataset {src.name!r}: cannot load ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"dataset {src.name!r}: cannot load ({first})") from None
 
 
 def row_to_messages(row: dict[str, Any], where: str) -> list[Message]:

@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from actcache import CacheMeta, CacheWriter, TokenArrays
 
 from .batching import plan_batches
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
 from .engine import HFEngine
-from .models import EMBEDDED_MODEL, load_model, load_tokenizer
+from .models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve
 from .render import template_info
 from .streams import block_stream, chat_pieces, fast_stream, text_pieces
 
@@ -89,10 +90,6 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     stream, fingerprint, info = build_stream(cfg, tokenizer)
-    model = None
-    from transformers import AutoConfig
-
-    from .models import resolve
     mcfg = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision).get_text_config()
     d_model, n_layers = int(mcfg.hidden_size), int(mcfg.num_hidden_layers)
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
