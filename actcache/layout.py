@@ -41,18 +41,19 @@ class Role(IntEnum):
     PAD = 0
     BOS = 1
     SPECIAL = 2  # special tokens the chat template inserts (<|im_start|>, <|im_end|>, ...)
-    TEMPLATE = 3  # plain tokens the template inserts (role names, newlines, default system prompt)
+    TEMPLATE = 3  # plain tokens the template inserts (role names, newlines, date headers)
     SYSTEM = 4
     USER = 5
     ASSISTANT = 6
     TEXT = 7  # plain pretraining text (BT(P))
     SEPARATOR = 8  # a document separator a BT stream inserted (bos/eos between documents)
+    DEFAULT_SYSTEM = 9  # the system prompt a template injects when the sample has none
 
 
 ROLE_NAMES = {r.value: r.name.lower() for r in Role}
 # Positions the paper's MSE_st averages over: template special tokens and role-name tokens.
 SPECIAL_ROLES = (Role.BOS, Role.SPECIAL, Role.TEMPLATE, Role.SEPARATOR)
-CONTENT_ROLES = (Role.SYSTEM, Role.USER, Role.ASSISTANT, Role.TEXT)
+CONTENT_ROLES = (Role.SYSTEM, Role.USER, Role.ASSISTANT, Role.TEXT, Role.DEFAULT_SYSTEM)
 
 REGIMES = ("fast", "bt-f", "bt-p")
 

@@ -47,6 +47,11 @@ class TokenArrays:
             raise ValueError("token arrays: seq_starts must run from 0 to the number of tokens")
 
 
+# zarr skips writing chunks equal to the fill value; a cache must hold every chunk file, so a missing
+# one always means damage (and chunk files stay memory-mappable).
+_EVERY_CHUNK = {"array.write_empty_chunks": True}
+
+
 def _compressors(compression: str) -> Any:
     if compression == "none":
         return None
@@ -70,7 +75,8 @@ class CacheWriter:
         self.group = group
         self.meta = meta
         self.committed = committed  # tokens durably on disk (chunk-aligned, or n_tokens when complete)
-        self._arrays = {layer: group[layout.acts_path(layer)] for layer in meta.layers}
+        with zarr.config.set(_EVERY_CHUNK):  # resolved when the array objects are made
+            self._arrays = {layer: group[layout.acts_path(layer)] for layer in meta.layers}
         self._pending: dict[int, list[np.ndarray]] = {layer: [] for layer in meta.layers}
         self._pending_start = committed
         self._pending_len = 0
@@ -92,6 +98,14 @@ class CacheWriter:
         tmp = path.with_name(path.name + f".creating-{os.getpid()}")
         if tmp.exists():
             shutil.rmtree(tmp)
+        with zarr.config.set(_EVERY_CHUNK):
+            cls._create(tmp, meta, tokens, tokenizer)
+        os.replace(tmp, path)
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
+        return cls(path, group, meta, 0)
+
+    @staticmethod
+    def _create(tmp: Path, meta: CacheMeta, tokens: TokenArrays, tokenizer: Any | None) -> None:
         group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
         n = meta.n_tokens
         chunk = meta.chunk_tokens
@@ -114,9 +128,6 @@ class CacheWriter:
         attrs = meta.to_attrs()
         attrs.update(tokens_committed=0, complete=False, stats=None)
         group.attrs.update(attrs)
-        os.replace(tmp, path)
-        group = zarr.open_group(zarr.storage.LocalStore(path), mode="r+", zarr_format=3)
-        return cls(path, group, meta, 0)
 
     @classmethod
     def _resume(cls, path: Path, meta: CacheMeta) -> "CacheWriter":

@@ -3,8 +3,8 @@
 Why character spans: the template is arbitrary Jinja, so the only reliable way to know which tokens
 came from which message is to render the text, locate each message's content in it, tokenize the
 rendered text with offsets, and give every token the role of the characters it starts on. Tokens
-outside every message are the template's own (special tokens, role names, its default system
-prompt). The rendered text is tokenized with ``add_special_tokens=False``: the template already
+outside every message are the template's own (special tokens, role names), except the default
+system prompt some templates inject, which gets a role of its own. The rendered text is tokenized with ``add_special_tokens=False``: the template already
 writes any BOS, so none is added twice (pitfalls.md).
 """
 from __future__ import annotations
@@ -30,6 +30,7 @@ class TemplateInfo:
     bos_id: int | None
     bos_is_turn_marker: bool  # e.g. SmolLM2: bos == <|im_start|>, which opens every turn
     template_hash: str | None
+    default_system: str  # text the template adds as system prompt when a conversation has none ('' if none)
 
 
 def template_info(tokenizer: Any, model_id: str, require_template: bool) -> TemplateInfo:
@@ -50,7 +51,27 @@ def template_info(tokenizer: Any, model_id: str, require_template: bool) -> Temp
         marker = probe.count(tokenizer.bos_token) > 1
     return TemplateInfo(special_ids=np.array(sorted(special), dtype=np.int64), bos_id=bos_id,
                         bos_is_turn_marker=marker,
-                        template_hash=hashlib.sha256(template.encode()).hexdigest() if template else None)
+                        template_hash=hashlib.sha256(template.encode()).hexdigest() if template else None,
+                        default_system=_default_system_prompt(tokenizer) if template else "")
+
+
+def _default_system_prompt(tokenizer: Any) -> str:
+    """The system prompt a template injects by itself, found by rendering with and without one.
+
+    With an explicit system message the text is prefix + marker + suffix; without one, a template
+    that injects a default renders prefix + DEFAULT + suffix.
+    """
+    marker = "\u2063SYSTEM\u2063"
+    user = [{"role": "user", "content": "probe"}]
+    try:
+        with_sys = render_text(tokenizer, [{"role": "system", "content": marker}, *user])
+        without = render_text(tokenizer, user)
+    except TemplateError:
+        return ""  # templates without a system role
+    prefix, _, suffix = with_sys.partition(marker)
+    if without.startswith(prefix) and without.endswith(suffix) and len(without) >= len(prefix) + len(suffix):
+        return without[len(prefix):len(without) - len(suffix)]
+    return ""
 
 
 def render_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -66,6 +87,11 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]], info: Te
     text = render_text(tokenizer, messages)
     char_roles = np.full(len(text) + 1, int(Role.TEMPLATE), dtype=np.uint8)
     cursor = 0
+    if info.default_system and not (messages and messages[0]["role"] == "system"):
+        at = text.find(info.default_system)
+        if at >= 0:
+            char_roles[at:at + len(info.default_system)] = int(Role.DEFAULT_SYSTEM)
+            cursor = at + len(info.default_system)
     for m in messages:
         content = m["content"]
         for candidate in (content, content.strip()):

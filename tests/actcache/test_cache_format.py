@@ -56,3 +56,11 @@ def test_refusals(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(CacheError, match="not a zarr v3 activation cache"):
         ActivationCache.open(tmp_path / "d")
+
+
+def test_all_zero_chunks_are_still_written(tmp_path):
+    acts = {1: np.zeros((600, 8), np.float32)}
+    write_cache_from_arrays(tmp_path / "c", acts, chunk_tokens=256)
+    c = ActivationCache.open(tmp_path / "c")
+    assert all(c.chunk_file(1, i).stat().st_size == 256 * 8 * 4 for i in range(3))
+    assert np.array_equal(c.read(1, 0, 600), acts[1])

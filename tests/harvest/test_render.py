@@ -22,9 +22,11 @@ def test_ids_equal_apply_chat_template_and_roles_are_right(embedded_model):
     assistant_text = tok.decode(ids[roles == Role.ASSISTANT])
     assert user_text.strip() == CONV[0]["content"]
     assert assistant_text.strip() == CONV[1]["content"]
-    # role names and the default system prompt come from the template
-    assert "system" in tok.decode(ids[roles == Role.TEMPLATE])
-    assert "SmolLM" in tok.decode(ids[roles == Role.TEMPLATE])
+    # role names come from the template; so does its default system prompt, labelled apart
+    assert [t.strip() for t in tok.batch_decode(ids[roles == Role.TEMPLATE][:, None]) if t.strip()] == \
+        ["system", "user", "ass", "istant"]
+    assert tok.decode(ids[roles == Role.DEFAULT_SYSTEM]) == info.default_system
+    assert info.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert not (roles == Role.BOS).any()  # SmolLM2's bos is <|im_start|>, a per-turn marker
 
 
@@ -34,6 +36,7 @@ def test_explicit_system_message_is_system_content(embedded_model):
     ids, roles = render_conversation(tok, [{"role": "system", "content": "Be brief."}, *CONV], info)
     assert tok.decode(ids[roles == Role.SYSTEM]).strip() == "Be brief."
     assert "SmolLM" not in tok.decode(ids)
+    assert not (roles == Role.DEFAULT_SYSTEM).any()
 
 
 def test_missing_chat_template_is_a_clear_error(embedded_model):
