@@ -1,0 +1,178 @@
+"""report.json and report.md: one record ("row") per SAE × eval cache, and the tables people read.
+
+Why rows are flat dicts with fixed keys: ``compare`` reads report.json files written by earlier
+runs, and plots and tables all pick values by the same dotted paths (``_get``), so a metric added
+here shows up everywhere without parallel code paths.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+REPORT_FORMAT = "fast-sae-eval/1"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+# (header, dotted path in a row, format) of the main table.
+MAIN_COLUMNS: list[tuple[str, str, str]] = [
+    ("SAE", "name", "s"),
+    ("trained", "regime", "s"),
+    ("eval on", "eval_regime", "s"),
+    ("arch", "architecture", "s"),
+    ("d_sae", "d_sae", "d"),
+    ("layer", "layer", "d"),
+    ("L0", "reconstruction.subsets.all.l0", ".1f"),
+    ("log2 MSE", "reconstruction.subsets.all.log2_mse", ".3f"),
+    ("log2 MSE_st", "reconstruction.subsets.special.log2_mse", ".3f"),
+    ("log2 MSE content", "reconstruction.subsets.content.log2_mse", ".3f"),
+    ("FVE", "reconstruction.subsets.all.explained_variance", ".4f"),
+    ("FVE content", "reconstruction.subsets.content.explained_variance", ".4f"),
+    ("dead %", "reconstruction.dead_fraction", "%"),
+    ("dense %", "reconstruction.dense_fraction", "%"),
+    ("ΔCE %", "downstream.delta_loss_pct", "+.2f"),
+    ("loss rec.", "downstream.loss_recovered", ".3f"),
+    ("KL", "downstream.kl_spliced", ".4f"),
+    ("top band %", "interpretability.scores.top_range_share", "%"),
+]
+
+ROLE_COLUMNS: list[tuple[str, str, str]] = [("SAE", "name", "s"), ("eval on", "eval_regime", "s")] + [
+    (f"{label} {sub}", f"reconstruction.subsets.{sub}.{key}", fmt)
+    for sub in ("special", "content", "user", "assistant")
+    for label, key, fmt in (("log2 MSE", "log2_mse", ".3f"), ("FVE", "explained_variance", ".3f"),
+                            ("L0", "l0", ".1f"))
+] + [("log2 MSE special tokens only", "reconstruction.subsets.special_tokens.log2_mse", ".3f"),
+     ("log2 MSE template tokens", "reconstruction.subsets.template.log2_mse", ".3f")]
+
+
+def _get(row: dict[str, Any], path: str) -> Any:
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def fmt(value: Any, spec: str) -> str:
+    """One table cell: '–' for missing or non-finite, percentages for '%'."""
+    if value is None:
+        return "–"
+    if spec == "s":
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "−inf" if value == float("-inf") else ("inf" if value == float("inf") else "–")
+    if spec == "%":
+        return f"{100 * value:.1f}"
+    if spec == "d":
+        return str(int(value))
+    return format(value, spec)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
+    """A GitHub markdown table; columns that are empty in every row are dropped."""
+    cols = [c for c in columns if any(_get(r, c[1]) is not None for r in rows)]
+    lines = ["| " + " | ".join(h for h, _, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(_get(r, p), f) for _, p, f in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    """JSON without NaN/inf tokens (not valid JSON): non-finite floats become strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _json_restore(obj: Any) -> Any:
+    if obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _json_restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_restore(v) for v in obj]
+    return obj
+
+
+def new_report(command: list[str], settings: dict[str, Any]) -> dict[str, Any]:
+    return {"format": REPORT_FORMAT, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command, "settings": settings, "caches": {}, "rows": [], "warnings": [], "plots": {}}
+
+
+def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_file, md_file = out / REPORT_JSON, out / REPORT_MD
+    json_file.write_text(json.dumps(_json_safe(report), indent=1, ensure_ascii=False))
+    md_file.write_text(render_markdown(report))
+    return json_file, md_file
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report.json (or the folder holding one)."""
+    from .errors import EvalError
+
+    path = Path(path)
+    f = path / REPORT_JSON if path.is_dir() else path
+    if not f.is_file():
+        if path.is_dir() and any((sub / "cfg.json").is_file() for sub in path.iterdir() if sub.is_dir()):
+            raise EvalError(f"{path}: a training run folder, not an evaluation; score the runs on one eval cache "
+                            f"first: pipeline.py evaluate --sae RUN_A --sae RUN_B ... --eval-cache CACHE --out EVAL")
+        raise EvalError(f"{path}: no {REPORT_JSON}; run `pipeline.py evaluate ... --out {path}` first")
+    try:
+        report = _json_restore(json.loads(f.read_text()))
+    except ValueError as exc:
+        raise EvalError(f"{f}: corrupt JSON ({exc})") from None
+    if report.get("format") != REPORT_FORMAT:
+        raise EvalError(f"{f}: not an evaluation report (format {report.get('format')!r}, expected {REPORT_FORMAT!r})")
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    parts = [f"# SAE evaluation ({report['created_utc']})", ""]
+    for path, info in report["caches"].items():
+        sel = info.get("selection", {})
+        parts.append(f"- eval cache `{path}`: model {info.get('model_id')}, regime {info.get('regime')}, "
+                     f"{sel.get('n_tokens')} tokens in {sel.get('n_sequences')} sequences ({sel.get('note')})")
+    parts += ["", "## Reconstruction, sparsity, downstream loss", "",
+              "MSE is the paper's eq. 7 (per-sequence mean of the per-token squared error, averaged over "
+              "sequences, / d_model) in log2; MSE_st on special-token positions (BOS, template special "
+              "tokens, role names, separators). FVE = 1 − Σ‖x−x̂‖²/Σ‖x−mean‖² over the eval set. "
+              "ΔCE % = (spliced − clean)/clean · 100.", "", markdown_table(rows, MAIN_COLUMNS), "",
+              "## By token role", "", markdown_table(rows, ROLE_COLUMNS), ""]
+    down = [r for r in rows if r.get("downstream")]
+    if down:
+        parts += ["## Downstream loss detail", "", markdown_table(down, [
+            ("SAE", "name", "s"), ("eval on", "eval_regime", "s"), ("clean CE", "downstream.clean_loss", ".4f"),
+            ("spliced CE", "downstream.spliced_loss", ".4f"), ("zero-abl. CE", "downstream.zero_loss", ".4f"),
+            ("KL zero", "downstream.kl_zero", ".3f"), ("tokens", "downstream.n_tokens", "d"),
+            ("cache match err", "downstream.cache_match_rel_err", ".1e")]), ""]
+    interp = [r for r in rows if r.get("interpretability")]
+    if interp:
+        parts += ["## Interpretability (judge scores 1–5, share of scored features)", "", markdown_table(interp, [
+            ("SAE", "name", "s"), ("eval on", "eval_regime", "s"),
+            ("live features", "interpretability.n_live", "d"), ("sampled", "interpretability.n_features_sampled", "d"),
+            *[(f"score {s}", f"interpretability.scores.share.{s}", "%") for s in "12345"],
+            ("top band 4–5", "interpretability.scores.top_range_share", "%"),
+            ("mean", "interpretability.scores.mean_score", ".2f"),
+            ("scored", "interpretability.scores.n_scored", "d")]), ""]
+        dashboards = [(r["name"], _get(r, "interpretability.files.dashboard")) for r in interp]
+        parts += [f"- {n}: dashboard `{d}`" for n, d in dashboards if d] + [""]
+    iv = [r for r in rows if r.get("intervention")]
+    if iv:
+        parts += ["## Special-token intervention", ""]
+        for r in iv:
+            table = _get(r, "intervention.table_markdown")
+            parts += [f"### {r['name']}", "", table if isinstance(table, str) else
+                      "```json\n" + json.dumps(_json_safe(r["intervention"]), indent=1)[:4000] + "\n```", ""]
+    if report.get("plots"):
+        parts += ["## Plots", ""] + [f"![{k}](plots/{Path(v).name})" for k, v in report["plots"].items()] + [""]
+    if report.get("warnings"):
+        parts += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
+    return "\n".join(parts)

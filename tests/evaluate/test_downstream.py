@@ -1,0 +1,96 @@
+"""Downstream loss on the real embedded model: identity splice = clean, zeroing hurts, layers line up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from actcache import ActivationCache
+from evaluate.errors import EvalError
+from evaluate.downstream import DownstreamConfig, _map_output, downstream_sequences, evaluate_downstream
+from evaluate.sources import choose_eval_sequences, load_entries
+from harvest.models import EMBEDDED_MODEL
+
+from .helpers import make_cache, save_constant_sae, save_identity_sae, save_random_sae
+
+LAYER = 2
+CFG = DownstreamConfig(max_sequences=2, max_tokens=200, progress=False)
+
+
+def _model_cache(path, model, tokenizer, shift: int = 1):
+    """A real cache of two short chats; ``shift=0`` stores hidden_states[L] (the classic off-by-one)."""
+    chats = [[{"role": "user", "content": "What is the capital of France?"},
+              {"role": "assistant", "content": "Paris is the capital of France."}],
+             [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]]
+    ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in chats]
+    ids = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in ids]
+    acts = []
+    with torch.no_grad():
+        for seq in ids:
+            hs = model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states
+            acts.append(hs[LAYER + shift][0].numpy())
+    return make_cache(path, {LAYER: np.concatenate(acts)}, [len(s) for s in ids],
+                      token_ids=np.concatenate(ids), model_id=EMBEDDED_MODEL, chunk_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory, embedded_model):
+    model, tok = embedded_model
+    return _model_cache(tmp_path_factory.mktemp("ds") / "cache", model, tok)
+
+
+def test_map_output_handles_tensor_and_tuple():
+    h = torch.ones(1, 3, 2)
+    assert torch.equal(_map_output(h, lambda t: t * 2), h * 2)
+    out = _map_output((h, "past"), lambda t: t * 0)
+    assert isinstance(out, tuple) and out[1] == "past" and torch.equal(out[0], torch.zeros_like(h))
+    with pytest.raises(TypeError):
+        _map_output({"h": h}, lambda t: t)
+
+
+def test_identity_splice_equals_clean_and_zero_is_worse(tmp_path, embedded_model, model_cache):
+    model, _ = embedded_model
+    d = model.config.hidden_size
+    save_identity_sae(tmp_path / "run" / "identity", d, LAYER)
+    save_random_sae(tmp_path / "run" / "random", d, 64, LAYER, seed=0)
+    save_constant_sae(tmp_path / "run" / "zero", d, LAYER, 0.0)
+    cache = ActivationCache.open(model_cache)
+    entries = load_entries([tmp_path / "run"])
+    sel = choose_eval_sequences(entries, cache)
+    out = evaluate_downstream(model, {e.name: (e.sae, e.layer) for e in entries}, cache, sel, CFG)
+    ident, zero, rnd = out["identity"], out["zero"], out["random"]
+    assert ident.n_sequences == 2 and ident.n_tokens == sel.n_tokens - 2
+    assert ident.spliced_loss == pytest.approx(ident.clean_loss, rel=1e-5)
+    assert abs(ident.delta_loss_pct) < 1e-3 and ident.kl_spliced < 1e-6
+    assert ident.loss_recovered == pytest.approx(1.0, abs=1e-5)
+    assert ident.zero_loss > ident.clean_loss + 0.5 and ident.kl_zero > 0.1
+    # an SAE that outputs 0 everywhere is exactly zero ablation
+    assert zero.spliced_loss == pytest.approx(zero.zero_loss, rel=1e-6)
+    assert zero.loss_recovered == pytest.approx(0.0, abs=1e-5)
+    assert rnd.spliced_loss != pytest.approx(rnd.clean_loss)
+    assert ident.to_dict()["cache_match_rel_err"] < 1e-4
+    d = ident.to_dict()
+    assert d["delta_loss_pct"] == pytest.approx((d["spliced_loss"] - d["clean_loss"]) / d["clean_loss"] * 100)
+
+
+def test_off_by_one_cache_is_flagged(tmp_path, embedded_model):
+    model, tok = embedded_model
+    cache = ActivationCache.open(_model_cache(tmp_path / "shifted", model, tok, shift=0))
+    sae = save_identity_sae(tmp_path / "id", model.config.hidden_size, LAYER)
+    entries = load_entries([sae])
+    out = evaluate_downstream(model, {"id": (entries[0].sae, LAYER)}, cache,
+                              choose_eval_sequences(entries, cache), DownstreamConfig(max_sequences=1, progress=False))
+    assert out["id"].to_dict()["cache_match_rel_err"] > 0.05
+
+
+def test_downstream_sequences_respects_caps(tmp_path):
+    x = np.ones((30, 2), np.float32)  # note: all-zero chunks are not written by the cache writer (see report)
+    cache = ActivationCache.open(make_cache(tmp_path / "c", {0: x}, [1, 10, 10, 9]))
+    sel = choose_eval_sequences([], cache)
+    assert downstream_sequences(sel, DownstreamConfig(max_sequences=3, max_tokens=100)) == [(1, 11), (11, 21)]
+    assert downstream_sequences(sel, DownstreamConfig(max_tokens=15)) == [(1, 11)]
+    assert downstream_sequences(sel, DownstreamConfig(max_tokens=5, max_seq_len=4)) == [(1, 5)]
+    one = choose_eval_sequences([], cache, explicit=(0, 1))  # a single one-token sequence
+    assert downstream_sequences(one, DownstreamConfig()) == []
+    with pytest.raises(EvalError, match="nothing to predict"):
+        evaluate_downstream(None, {}, cache, one, DownstreamConfig(progress=False))

@@ -1,0 +1,113 @@
+"""Reconstruction metrics against hand-computed values and numpy references on real caches."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from actcache import ActivationCache, Role
+from evaluate.reconstruction import ReconstructionConfig, evaluate_reconstruction
+from evaluate.sources import choose_eval_sequences, load_entries
+from saeio import load_sae
+
+from .helpers import make_cache, save_constant_sae, save_identity_sae, save_random_sae
+
+CFG = ReconstructionConfig(batch_tokens=3, progress=False)  # small batches: sums must cross batch/chunk edges
+
+
+def _run(cache_path, sae_path, layer=0, cfg=CFG):
+    cache = ActivationCache.open(cache_path)
+    entries = load_entries([sae_path])
+    sel = choose_eval_sequences(entries, cache)
+    return evaluate_reconstruction({"s": entries[0].sae}, cache, layer, sel, cfg)["s"]
+
+
+def test_eq7_macro_average_over_unequal_sequences(tmp_path):
+    # Sequence A: one token [2, 0] (sq. error 4 with a zero reconstruction).
+    # Sequence B: [1, 0], [0, 1], [1, 1] (errors 1, 1, 2; mean 4/3).
+    x = np.array([[2, 0], [1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    cache = make_cache(tmp_path / "c", {0: x}, [1, 3])
+    res = _run(cache, save_constant_sae(tmp_path / "zero", 2, 0, 0.0))
+    all_ = res.subsets["all"]
+    assert all_["mse"] == pytest.approx((4 + 4 / 3) / 2 / 2)  # eq. 7: macro over sequences, / H
+    assert all_["log2_mse"] == pytest.approx(math.log2(4 / 3))
+    assert all_["mse_token"] == pytest.approx(8 / 4 / 2)  # the micro average differs
+    assert all_["nmse"] == pytest.approx(1.0)
+    assert all_["l0"] == 0
+    assert res.dead_fraction == 1.0 and res.dense_fraction == 0.0
+    # centered variance: mean = [1, 0.5]; Σ‖x−μ‖² = (1+0.25)+(0+0.25)+(1+0.25)+(0+0.25) = 3
+    assert all_["explained_variance"] == pytest.approx(1 - 8 / 3)
+
+
+def test_identity_sae_is_exact(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 4)).astype(np.float32) * 3
+    cache = make_cache(tmp_path / "c", {0: x}, [5, 7, 8])
+    res = _run(cache, save_identity_sae(tmp_path / "id", 4, 0))
+    assert res.subsets["all"]["mse"] == 0 and res.subsets["all"]["log2_mse"] == float("-inf")
+    assert res.subsets["all"]["explained_variance"] == pytest.approx(1.0)
+
+
+def test_against_numpy_reference_with_roles(tmp_path):
+    rng = np.random.default_rng(1)
+    lengths = [3, 9, 1, 6, 5]
+    n, d, d_sae = sum(lengths), 6, 10
+    x = (rng.normal(size=(n, d)) + 2.0).astype(np.float32)  # non-zero mean: EV must centre on it
+    roles = rng.choice([int(Role.SPECIAL), int(Role.USER), int(Role.ASSISTANT), int(Role.BOS), int(Role.TEMPLATE)],
+                       size=n).astype(np.uint8)
+    roles[3:12] = int(Role.USER)  # sequence 1 has no special token: it must drop out of MSE_st's N
+    x[roles == int(Role.SPECIAL)] *= 10  # high-norm special tokens, as in chat models
+    cache = make_cache(tmp_path / "c", {0: x}, lengths, roles=roles, chunk_tokens=4)
+    sae_path = save_random_sae(tmp_path / "r", d, d_sae, 0, seed=3)
+    res = _run(cache, sae_path)
+
+    sae = load_sae(sae_path)
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, k).numpy().astype(np.float64) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    xd = x.astype(np.float64)
+    f = np.maximum(xd @ W_enc + b_enc, 0)
+    err = ((xd - (f @ W_dec + b_dec)) ** 2).sum(1)
+    seq = np.repeat(np.arange(len(lengths)), lengths)
+
+    def ref(mask):
+        per_seq = [err[mask & (seq == s)].mean() for s in range(len(lengths)) if (mask & (seq == s)).any()]
+        xm = xd[mask]
+        return {"mse": np.mean(per_seq) / d, "n_sequences": len(per_seq),
+                "explained_variance": 1 - err[mask].sum() / ((xm - xm.mean(0)) ** 2).sum(),
+                "l0": (f[mask] > 0).sum(1).mean(), "nmse": err[mask].sum() / (xm ** 2).sum()}
+
+    special = np.isin(roles, [int(Role.SPECIAL), int(Role.BOS), int(Role.TEMPLATE)])
+    special_tokens = np.isin(roles, [int(Role.SPECIAL), int(Role.BOS)])
+    for name, mask in {"all": np.ones(n, bool), "special": special, "content": ~special,
+                       "special_tokens": special_tokens, "template": roles == int(Role.TEMPLATE),
+                       "user": roles == int(Role.USER), "assistant": roles == int(Role.ASSISTANT)}.items():
+        got = res.subsets[name]
+        want = ref(mask)
+        assert got["n_tokens"] == mask.sum(), name
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5), (name, key)  # SAE runs in float32
+    assert res.subsets["special"]["n_sequences"] < len(lengths)  # sequence 1 has none
+    assert res.subsets["system"] == {"n_tokens": 0, "n_sequences": 0}
+    freq = (f > 0).mean(0)
+    assert np.allclose(res.feature_frequency, freq)
+    assert res.dead_fraction == pytest.approx((freq == 0).mean())
+    assert res.dense_fraction == pytest.approx((freq > 0.1).mean())
+
+
+def test_several_saes_share_one_pass_and_stay_independent(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 3)).astype(np.float32)
+    cache = make_cache(tmp_path / "c", {0: x, 1: x * 2}, [4, 8])
+    a = save_identity_sae(tmp_path / "run" / "a", 3, 1)
+    save_constant_sae(tmp_path / "run" / "b", 3, 1, 0.0)
+    c = ActivationCache.open(cache)
+    entries = load_entries([tmp_path / "run"])
+    assert [e.name for e in entries] == ["a", "b"] and entries[0].path == a
+    sel = choose_eval_sequences(entries, c)
+    out = evaluate_reconstruction({e.name: e.sae for e in entries}, c, 1, sel, CFG)
+    assert out["a"].subsets["all"]["mse"] == 0
+    x2 = (x.astype(np.float64) * 2)
+    want = np.mean([(x2[:4] ** 2).sum(1).mean(), (x2[4:] ** 2).sum(1).mean()]) / 3  # layer 1, not layer 0
+    assert out["b"].subsets["all"]["mse"] == pytest.approx(want)
+    d = out["b"].to_dict()
+    assert d["n_dead"] == 4 and d["density_histogram"]["n_never_fired"] == 4
