@@ -1,0 +1,62 @@
+"""TopK SAE (Gao et al. 2024) with the AuxK loss for dead latents.
+
+z = (x - b_dec) W_enc + b_enc; f keeps the k largest entries of z per token (then ReLU); no
+sparsity penalty, the sparsity is k. AuxK: the k_aux largest pre-activations among *dead*
+latents (not fired for ``dead_window_steps``) reconstruct the main model's residual error
+e = x - x_hat (detached), loss alpha * ||e - e_hat||^2 with alpha = 1/32, k_aux = d_in / 2; it
+gives dead latents a gradient so they come back.
+
+SAEs of one stack may have different k: each takes the top max(k) once and masks ranks >= its k.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import SAESpec, TrainConfig
+from .base import SAEGroup
+
+
+def keep_top(values: torch.Tensor, k: torch.Tensor, dim_size: int) -> torch.Tensor:
+    """Dense tensor keeping, along the last axis of ``values`` [n, ..., m], the ``k[i]`` largest
+    entries (ReLU applied) of stack entry i and zero elsewhere."""
+    kmax = int(k.max())
+    top, idx = values.topk(min(kmax, dim_size), dim=-1)
+    rank = torch.arange(top.shape[-1], device=values.device)
+    keep = rank < k.view(-1, *([1] * (values.dim() - 1)))
+    return torch.zeros_like(values).scatter(-1, idx, torch.relu(top) * keep)
+
+
+def auxk_loss(group: SAEGroup, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+    dead = group.dead_mask()  # [n, d_sae], state before this step
+    has_dead = dead.any(dim=1)
+    if not bool(has_dead.any()):
+        return None
+    k_aux = min(group.cfg.aux_k or group.d_in // 2, group.d_sae)
+    masked = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))
+    top, idx = masked.topk(k_aux, dim=-1)
+    f_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(top))
+    e_hat = torch.bmm(f_aux, group.W_dec)
+    e = (x.unsqueeze(0) - recon).detach()
+    per_sae = (e_hat - e).pow(2).sum(-1).mean(-1)
+    return group.cfg.aux_k_coefficient * per_sae * has_dead.to(per_sae.dtype)
+
+
+class TopKGroup(SAEGroup):
+    architecture = "topk"
+    apply_b_dec_to_input = True
+    uses_coefficient = False
+
+    def __init__(self, specs: list[SAESpec], d_in: int, cfg: TrainConfig, b_dec_init: torch.Tensor) -> None:
+        super().__init__(specs, d_in, cfg, b_dec_init)
+        self.register_buffer("k", torch.tensor([int(s.sparsity) for s in specs], dtype=torch.int64))
+
+    def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pre = self.pre_activations(x)
+        self._last_pre = pre
+        return keep_top(pre, self.k, self.d_sae), torch.zeros(self.n, device=x.device)
+
+    def encode_inference(self, x: torch.Tensor) -> torch.Tensor:
+        return keep_top(self.pre_activations(x), self.k, self.d_sae)
+
+    def auxiliary_loss(self, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+        return auxk_loss(self, x, pre, recon)
