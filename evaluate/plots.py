@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .report import _get  # noqa: E402
@@ -54,6 +55,7 @@ def mse_l0_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
                     markerfacecolor=color if ev in (regime, None) else "none",  # hollow: scored off-regime
                     label=f"{regime} {arch} (eval {ev})", linestyle="-" if len(rs) > 1 else "none")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short log ranges
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel("log2 MSE (eq. 7)")
         ax.set_title(f"MSE–L0 frontier, layer {layer}")
