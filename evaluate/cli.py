@@ -71,7 +71,7 @@ def _read_prompts(path: Path | None) -> list[str] | None:
     return prompts
 
 
-@click.command()
+@click.command(short_help="Score SAEs: reconstruction, downstream loss, interpretability, intervention.")
 @click.option("--sae", "saes", multiple=True, required=True, type=click.Path(path_type=Path),
               help="SAE checkpoint folder, or a run folder whose subfolders are checkpoints. Repeatable.")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
