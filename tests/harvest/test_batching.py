@@ -41,5 +41,5 @@ def test_packed_batch_equals_each_sequence_alone(embedded_model):
             with torch.no_grad():
                 hs = model(torch.tensor(ids[s:e][None].astype(np.int64)), output_hidden_states=True).hidden_states
             alone = hs[layer + 1][0].numpy()
-            np.testing.assert_allclose(packed[s:e], alone, atol=1e-3 * max(1.0, np.abs(alone).max()) * 1e-2 + 1e-3,
-                                       rtol=1e-3)
+            # float32 on CPU: differences come from summation order only (~1e-4 on values up to ~800)
+            np.testing.assert_allclose(packed[s:e], alone, atol=2e-3, rtol=1e-4)
