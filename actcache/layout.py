@@ -103,6 +103,3 @@ class CacheMeta:
         if attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{where}: format_version {attrs.get('format_version')!r}, this tool reads {FORMAT_VERSION}")
         return cls(**{k: v for k, v in attrs.items() if k in names})
-
-    def hook_names(self) -> list[str]:
-        return [hook_name(layer) for layer in self.layers]

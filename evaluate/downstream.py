@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from actcache import ActivationCache
-from harvest.models import decoder_layers
+from harvest.models import block_hidden, decoder_layers, map_block_output
 from saeio import LoadedSAE
 
 from .errors import EvalError
@@ -46,23 +46,10 @@ class DownstreamConfig:
     progress: bool = True
 
 
-def _map_output(output: Any, fn: Replace) -> Any:
-    """Apply ``fn`` to a decoder layer's hidden state, whether the layer returns a tensor or a tuple."""
-    if isinstance(output, torch.Tensor):
-        return fn(output)
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (fn(output[0]), *output[1:])
-    raise TypeError(f"decoder layer returned {type(output).__name__}; expected a tensor or a tuple")
-
-
-def hidden_of(output: Any) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 @contextmanager
 def splice(model: Any, layer: int, fn: Replace) -> Iterator[None]:
     """Replace the output of decoder block ``layer`` by ``fn(output)`` while the context is open."""
-    handle = decoder_layers(model)[layer].register_forward_hook(lambda _m, _i, out: _map_output(out, fn))
+    handle = decoder_layers(model)[layer].register_forward_hook(lambda _m, _i, out: map_block_output(out, fn))
     try:
         yield
     finally:
@@ -74,7 +61,7 @@ def capture(model: Any, layers: list[int], into: dict[int, torch.Tensor]) -> Ite
     """Record (not change) the outputs of decoder blocks ``layers`` into ``into``."""
     blocks = decoder_layers(model)
     handles = [blocks[layer].register_forward_hook(
-        lambda _m, _i, out, layer=layer: into.__setitem__(layer, hidden_of(out).detach())) for layer in layers]
+        lambda _m, _i, out, layer=layer: into.__setitem__(layer, block_hidden(out).detach())) for layer in layers]
     try:
         yield
     finally:

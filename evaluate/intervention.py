@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from actcache import SPECIAL_ROLES, ActivationCache, Role
-from harvest.models import decoder_layers, load_model, load_tokenizer
+from harvest.models import decoder_layers, load_model, load_tokenizer, map_block_output
 from saeio import load_sae
 
 from .errors import EvalError
@@ -184,8 +184,7 @@ def steering(model: Any, spec: SteeringSpec) -> Iterator[None]:
     def record_ids(_module: Any, args: tuple) -> None:
         current["ids"] = args[0]
 
-    def steer(_module: Any, _args: Any, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
+    def shift(hidden: torch.Tensor) -> torch.Tensor:
         direction = spec.direction.to(hidden.device, hidden.dtype)
         if spec.mode == "add":
             delta = spec.alpha * direction
@@ -197,10 +196,11 @@ def steering(model: Any, spec: SteeringSpec) -> Iterator[None]:
             hidden = torch.where(mask, hidden + delta, hidden)
         else:
             hidden = hidden + delta
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return hidden
 
     handles = [model.get_input_embeddings().register_forward_pre_hook(record_ids),
-               decoder_layers(model)[spec.layer].register_forward_hook(steer)]
+               decoder_layers(model)[spec.layer].register_forward_hook(
+                   lambda _m, _a, output: map_block_output(output, shift))]
     try:
         yield
     finally:

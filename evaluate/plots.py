@@ -34,6 +34,13 @@ def group_key(row: dict[str, Any]) -> str:
     return f"L{row['layer']} {row['architecture']} {row['d_sae']} | eval {row.get('eval_regime', '?')}"
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def mse_l0_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
     pts = [r for r in rows if _finite(_get(r, "reconstruction.subsets.all.l0"))
            and _finite(_get(r, "reconstruction.subsets.all.log2_mse"))]
@@ -61,10 +68,7 @@ def mse_l0_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_title(f"MSE–L0 frontier, layer {layer}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def metric_by_regime(rows: list[dict[str, Any]], path: Path,
@@ -98,10 +102,7 @@ def metric_by_regime(rows: list[dict[str, Any]], path: Path,
         ax.axhline(0, color="black", linewidth=0.6)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def density_histogram(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -118,10 +119,7 @@ def density_histogram(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_title("Feature density")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def score_bands(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -140,10 +138,7 @@ def score_bands(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("share of scored features")
     ax.set_title("Judge score bands (top range = 4–5)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_plots(rows: list[dict[str, Any]], folder: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .batching import Batch, batch_tensors
-from .models import decoder_layers, model_info
+from .models import block_hidden, decoder_layers, model_info
 
 
 class Engine(Protocol):
@@ -47,8 +47,7 @@ class HFEngine:
         deepest = layer == self.layers[-1]
 
         def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            self._captured[layer] = hidden
+            self._captured[layer] = block_hidden(output)
             if deepest:
                 raise _StopForward
 

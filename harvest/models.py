@@ -121,7 +121,21 @@ def decoder_layers(model: Any) -> torch.nn.ModuleList:
     raise ModelLoadError(f"{type(model).__name__}: cannot find its {n} decoder layers")
 
 
-def model_info(model: Any) -> tuple[int, int]:
-    """(d_model, number of decoder layers)."""
-    cfg = model.config.get_text_config()
+def model_info(model_or_config: Any) -> tuple[int, int]:
+    """(d_model, number of decoder layers) of a loaded model or of its config."""
+    cfg = getattr(model_or_config, "config", model_or_config).get_text_config()
     return int(cfg.hidden_size), int(cfg.num_hidden_layers)
+
+
+def block_hidden(output: Any) -> torch.Tensor:
+    """The hidden state in a decoder block's output (a tensor, or a tuple led by it: versions differ)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def map_block_output(output: Any, fn: Any) -> Any:
+    """A decoder block's output with ``fn`` applied to its hidden state, keeping the output's form."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (fn(output[0]), *output[1:])
+    raise TypeError(f"decoder layer returned {type(output).__name__}; expected a tensor or a tuple")

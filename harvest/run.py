@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -16,7 +15,7 @@ from actcache import CacheMeta, CacheWriter, TokenArrays
 from .batching import plan_batches
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
 from .engine import HFEngine
-from .models import EMBEDDED_MODEL, load_model, load_tokenizer, resolve
+from .models import EMBEDDED_MODEL, load_model, load_tokenizer, model_info, resolve
 from .render import template_info
 from .streams import block_stream, chat_pieces, fast_stream, text_pieces
 
@@ -90,8 +89,7 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     stream, fingerprint, info = build_stream(cfg, tokenizer)
-    mcfg = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision).get_text_config()
-    d_model, n_layers = int(mcfg.hidden_size), int(mcfg.num_hidden_layers)
+    d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision))
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"--layers: layer {bad[0]} does not exist; {cfg.model} has layers 0..{n_layers - 1}")

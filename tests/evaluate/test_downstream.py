@@ -7,7 +7,7 @@ import torch
 
 from actcache import ActivationCache
 from evaluate.errors import EvalError
-from evaluate.downstream import DownstreamConfig, _map_output, downstream_sequences, evaluate_downstream
+from evaluate.downstream import DownstreamConfig, downstream_sequences, evaluate_downstream
 from evaluate.sources import choose_eval_sequences, load_entries
 from harvest.models import EMBEDDED_MODEL
 
@@ -37,15 +37,6 @@ def _model_cache(path, model, tokenizer, shift: int = 1):
 def model_cache(tmp_path_factory, embedded_model):
     model, tok = embedded_model
     return _model_cache(tmp_path_factory.mktemp("ds") / "cache", model, tok)
-
-
-def test_map_output_handles_tensor_and_tuple():
-    h = torch.ones(1, 3, 2)
-    assert torch.equal(_map_output(h, lambda t: t * 2), h * 2)
-    out = _map_output((h, "past"), lambda t: t * 0)
-    assert isinstance(out, tuple) and out[1] == "past" and torch.equal(out[0], torch.zeros_like(h))
-    with pytest.raises(TypeError):
-        _map_output({"h": h}, lambda t: t)
 
 
 def test_identity_splice_equals_clean_and_zero_is_worse(tmp_path, embedded_model, model_cache):

@@ -1,7 +1,6 @@
 """Bad inputs give one clear line (click's `Error: ...`), exit non-zero, and lose nothing."""
 import json
 import shutil
-from pathlib import Path
 
 from harvest.models import embedded_model_dir
 from tests.helpers import run_cli
