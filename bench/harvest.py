@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from harvest.batching import batch_tensors, plan_batches  # noqa: E402
-from harvest.models import EMBEDDED_MODEL, load_model, load_tokenizer, model_info  # noqa: E402
-from harvest.run import HarvestConfig, build_stream, run_harvest  # noqa: E402
+from fast_sae.harvest.batching import batch_tensors, plan_batches  # noqa: E402
+from fast_sae.harvest.run import HarvestConfig, build_stream, run_harvest  # noqa: E402
+from fast_sae.lm import EMBEDDED_MODEL, load_model, load_tokenizer, model_info  # noqa: E402
 
 
 def main() -> None:

@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actcache import ActivationCache  # noqa: E402
-from actcache.from_arrays import write_cache_from_arrays  # noqa: E402
-from train.buffer import BatchOrder  # noqa: E402
-from train.config import GridConfig, SAESpec, TrainConfig  # noqa: E402
-from train.loader import LayerReader, Prefetcher, TokenStream  # noqa: E402
-from train.saes import GROUP_CLASSES  # noqa: E402
-from train.trainer import Trainer  # noqa: E402
+from fast_sae.actcache import ActivationCache  # noqa: E402
+from fast_sae.actcache.from_arrays import write_cache_from_arrays  # noqa: E402
+from fast_sae.train.buffer import BatchOrder  # noqa: E402
+from fast_sae.train.config import GridConfig, SAESpec, TrainConfig  # noqa: E402
+from fast_sae.train.loader import LayerReader, Prefetcher, TokenStream  # noqa: E402
+from fast_sae.train.saes import GROUP_CLASSES  # noqa: E402
+from fast_sae.train.trainer import Trainer  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:

@@ -15,13 +15,13 @@ CACHE_LAYERS = [2, 5]
 
 @pytest.fixture(scope="session")
 def embedded_model():
-    from harvest.models import EMBEDDED_MODEL, load_model, load_tokenizer
+    from fast_sae.lm import EMBEDDED_MODEL, load_model, load_tokenizer
 
     return load_model(EMBEDDED_MODEL), load_tokenizer(EMBEDDED_MODEL)
 
 
 def _harvest(path: Path, **kw) -> Path:
-    from harvest.run import HarvestConfig, run_harvest
+    from fast_sae.harvest.run import HarvestConfig, run_harvest
 
     run_harvest(HarvestConfig(out=path, layers=list(CACHE_LAYERS), chunk_tokens=512, batch_tokens=2048, **kw),
                 log=lambda *_: None)

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from actcache import ActivationCache, CacheError
-from actcache.from_arrays import write_cache_from_arrays
+from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
 
 
 def _acts(n=1000, d=16, seed=0):

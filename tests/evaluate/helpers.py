@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actcache.from_arrays import write_cache_from_arrays
-from saeio import save_sae
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.saeio import save_sae
 
 
 def sae_cfg(d_in: int, d_sae: int, layer: int, architecture: str = "standard", **extra: Any) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from actcache import ActivationCache
-from evaluate.cli import compare_cmd, evaluate_cmd
-from evaluate.runner import EvalConfig, InterventionSettings, run_evaluation
+from fast_sae.actcache import ActivationCache
+from fast_sae.evaluate.cli import compare_cmd, evaluate_cmd
+from fast_sae.evaluate.runner import EvalConfig, InterventionSettings, run_evaluation
 
 from .helpers import save_identity_sae, save_pca_sae
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from actcache import ActivationCache
-from evaluate.errors import EvalError
-from evaluate.downstream import DownstreamConfig, downstream_sequences, evaluate_downstream
-from evaluate.sources import choose_eval_sequences, load_entries
-from harvest.models import EMBEDDED_MODEL
+from fast_sae.actcache import ActivationCache
+from fast_sae.evaluate.downstream import DownstreamConfig, downstream_sequences, evaluate_downstream
+from fast_sae.evaluate.errors import EvalError
+from fast_sae.evaluate.sources import choose_eval_sequences, load_entries
+from fast_sae.lm import EMBEDDED_MODEL
 
 from .helpers import make_cache, save_constant_sae, save_identity_sae, save_random_sae
 

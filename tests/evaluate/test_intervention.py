@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from actcache import ActivationCache, Role
-from actcache.from_arrays import write_cache_from_arrays
-from evaluate.interpret import JudgeConfig
-from evaluate.intervention import (SteeringSpec, default_prompts, generate_reply, pick_features, run_intervention,
-                                   special_token_features, steering)
-from harvest.models import EMBEDDED_MODEL, decoder_layers
-from saeio import load_sae, save_sae
+from fast_sae.actcache import ActivationCache, Role
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.evaluate.interpret import JudgeConfig
+from fast_sae.evaluate.intervention import (
+    SteeringSpec,
+    default_prompts,
+    generate_reply,
+    pick_features,
+    run_intervention,
+    special_token_features,
+    steering,
+)
+from fast_sae.lm import EMBEDDED_MODEL, decoder_layers
+from fast_sae.saeio import load_sae, save_sae
 
 LAYER = 2
 

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from actcache import ActivationCache, Role
-from evaluate.reconstruction import ReconstructionConfig, evaluate_reconstruction
-from evaluate.sources import choose_eval_sequences, load_entries
-from saeio import load_sae
+from fast_sae.actcache import ActivationCache, Role
+from fast_sae.evaluate.reconstruction import ReconstructionConfig, evaluate_reconstruction
+from fast_sae.evaluate.sources import choose_eval_sequences, load_entries
+from fast_sae.saeio import load_sae
 
 from .helpers import make_cache, save_constant_sae, save_identity_sae, save_random_sae
 

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 
-from actcache import Role
-from evaluate.compare import run_compare
-from evaluate.errors import EvalError
-from evaluate.reconstruction import ReconstructionConfig
-from evaluate.report import fmt, markdown_table, read_report
-from evaluate.runner import EvalConfig, run_evaluation
+from fast_sae.actcache import Role
+from fast_sae.evaluate.compare import run_compare
+from fast_sae.evaluate.errors import EvalError
+from fast_sae.evaluate.reconstruction import ReconstructionConfig
+from fast_sae.evaluate.report import fmt, markdown_table, read_report
+from fast_sae.evaluate.runner import EvalConfig, run_evaluation
 
 from .helpers import make_cache, save_constant_sae, save_pca_sae
 
@@ -95,8 +96,8 @@ def test_cells():
 
 def test_score_bands_plot_and_section(evaluated, tmp_path):
     """Judge results (as run_interpretability returns them) become a plot and a report section."""
-    from evaluate.plots import write_plots
-    from evaluate.report import render_markdown
+    from fast_sae.evaluate.plots import write_plots
+    from fast_sae.evaluate.report import render_markdown
 
     report, _ = evaluated
     rows = [dict(r) for r in report["rows"]]

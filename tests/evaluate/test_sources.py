@@ -4,10 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actcache import ActivationCache
-from evaluate.errors import EvalError
-from evaluate.sources import (check_against_cache, choose_eval_sequences, discover_sae_folders, held_out_ranges,
-                              load_entries, parse_range)
+from fast_sae.actcache import ActivationCache
+from fast_sae.evaluate.errors import EvalError
+from fast_sae.evaluate.sources import (
+    check_against_cache,
+    choose_eval_sequences,
+    discover_sae_folders,
+    held_out_ranges,
+    load_entries,
+    parse_range,
+)
 
 from .helpers import make_cache, save_constant_sae, save_identity_sae
 
@@ -104,7 +110,7 @@ def test_unknown_training_data_is_warned_about(tmp_path, cache):
 
 def test_shared_fingerprint_of_another_regime_is_not_the_training_cache(tmp_path, cache):
     """FAST and BT(F) caches of the same chats share a dataset fingerprint but not their sequences."""
-    from evaluate.sources import trained_on
+    from fast_sae.evaluate.sources import trained_on
 
     cache.meta.dataset_fingerprint = "abc"
     btf = load_entries([save_identity_sae(tmp_path / "f", 3, 1, regime="bt-f", dataset_fingerprint="abc",

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from actcache import ActivationCache
+from fast_sae.actcache import ActivationCache
 
 
 def test_cache_equals_output_hidden_states(fast_cache, embedded_model):

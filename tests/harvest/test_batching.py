@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from harvest.batching import plan_batches
-from harvest.engine import HFEngine
+from fast_sae.harvest.batching import plan_batches
+from fast_sae.harvest.engine import HFEngine
 
 
 def test_plan_covers_the_stream_contiguously():

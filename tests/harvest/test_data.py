@@ -2,7 +2,15 @@ import json
 
 import pytest
 
-from harvest.data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataError, DataSource, iter_conversations, iter_texts, row_to_messages
+from fast_sae.harvest.data import (
+    EMBEDDED_CHAT,
+    EMBEDDED_TEXT,
+    DataError,
+    DataSource,
+    iter_conversations,
+    iter_texts,
+    row_to_messages,
+)
 
 
 def test_embedded_data_is_real_and_multi_turn():

@@ -2,7 +2,7 @@
 import json
 import shutil
 
-from harvest.models import embedded_model_dir
+from fast_sae.lm import embedded_model_dir
 from tests.helpers import run_cli
 
 SMALL = ["--max-tokens", "600", "--layers", "1", "--context-size", "128", "--chunk-tokens", "128"]

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from actcache import Role
-from harvest.render import TemplateError, render_conversation, template_info
+from fast_sae.actcache import Role
+from fast_sae.harvest.render import TemplateError, render_conversation, template_info
 
 CONV = [{"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "The capital of France is Paris."}]

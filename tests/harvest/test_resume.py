@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from actcache import ActivationCache
+from fast_sae.actcache import ActivationCache
 from tests.helpers import ROOT, run_cli
 
 ARGS = ["--max-tokens", "6000", "--layers", "1,3", "--context-size", "256", "--chunk-tokens", "256",

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from actcache import ActivationCache, Role
-from harvest.data import EMBEDDED_CHAT, DataSource, Fingerprint, iter_conversations
-from harvest.render import template_info
-from harvest.streams import StreamError, block_stream, chat_pieces, fast_stream
+from fast_sae.actcache import ActivationCache, Role
+from fast_sae.harvest.data import EMBEDDED_CHAT, DataSource, Fingerprint, iter_conversations
+from fast_sae.harvest.render import template_info
+from fast_sae.harvest.streams import StreamError, block_stream, chat_pieces, fast_stream
 
 
 def _check_positions(cache):

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from saeio import CheckpointError, load_sae, save_sae
+from fast_sae.saeio import CheckpointError, load_sae, save_sae
 
 
 def _weights(d=6, n=12):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from actcache.from_arrays import write_cache_from_arrays
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
 
 torch.set_num_threads(1)  # tests share a 2-core machine; one thread is also the least noisy
 

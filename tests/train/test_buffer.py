@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actcache import ActivationCache
-from train.buffer import BatchOrder, mixing_half
-from train.loader import DataSplit, LayerReader, TokenStream
+from fast_sae.actcache import ActivationCache
+from fast_sae.train.buffer import BatchOrder, mixing_half
+from fast_sae.train.loader import DataSplit, LayerReader, TokenStream
 
 
 def _order(cache_path, order: str, seed: int = 0, b: int = 50, buffer_tokens: int = 1000, eval_sequences: int = 10):

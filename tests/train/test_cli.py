@@ -10,9 +10,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from actcache import ActivationCache
-from saeio import load_sae
-from train.cli import train_cmd
+from fast_sae.actcache import ActivationCache
+from fast_sae.saeio import load_sae
+from fast_sae.train.cli import train_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--tokens", "3000", "--batch-size", "100", "--buffer-tokens", "1000", "--eval-sequences", "10",

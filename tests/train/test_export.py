@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from saeio import load_sae
-from train.config import SAESpec, TrainConfig
-from train.export import save_group
-from train.saes import GROUP_CLASSES
+from fast_sae.saeio import load_sae
+from fast_sae.train.config import SAESpec, TrainConfig
+from fast_sae.train.export import save_group
+from fast_sae.train.saes import GROUP_CLASSES
 
 
 @pytest.mark.parametrize("arch", ["standard", "jumprelu", "topk", "batchtopk"])

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from actcache import ActivationCache, CacheError
-from actcache.from_arrays import write_cache_from_arrays
-from train.loader import DataSplit, LayerReader, Prefetcher, TokenStream
+from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.train.loader import DataSplit, LayerReader, Prefetcher, TokenStream
 
 
 def test_read_and_gather_match_the_cache(small_cache):

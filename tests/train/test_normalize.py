@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from actcache import ActivationCache, Role
-from actcache.from_arrays import write_cache_from_arrays
-from train.normalize import geometric_median, initial_b_dec, normalization_method_used, scale_factor
+from fast_sae.actcache import ActivationCache, Role
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.train.normalize import geometric_median, initial_b_dec, normalization_method_used, scale_factor
 
 
 @pytest.fixture()

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from saeio import load_sae
-from train.config import GridConfig, SAESpec, TrainConfig
-from train.saes import GROUP_CLASSES
-from train.saes.jumprelu import JumpReLUFn, StepFn
-from train.saes.topk import keep_top
-from train.trainer import Trainer
+from fast_sae.saeio import load_sae
+from fast_sae.train.config import GridConfig, SAESpec, TrainConfig
+from fast_sae.train.saes import GROUP_CLASSES
+from fast_sae.train.saes.jumprelu import JumpReLUFn, StepFn
+from fast_sae.train.saes.topk import keep_top
+from fast_sae.train.trainer import Trainer
 
 
 def mean_max_cosine(dictionary: np.ndarray, w_dec: np.ndarray) -> float:

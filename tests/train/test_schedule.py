@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from train.config import SAESpec, TrainConfig
-from train.memory import estimate
-from train.schedule import lr_at, sparsity_scale_at
+from fast_sae.train.config import SAESpec, TrainConfig
+from fast_sae.train.memory import estimate
+from fast_sae.train.schedule import lr_at, sparsity_scale_at
 
 
 def test_paper_lr_curve():

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saeio import load_sae
-from train.config import GridConfig, TrainConfig
-from train.trainer import Trainer
+from fast_sae.saeio import load_sae
+from fast_sae.train.config import GridConfig, TrainConfig
+from fast_sae.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,7 @@ def test_stop_and_resume_is_bit_exact(small_cache, tmp_path, order):
 
 def test_killed_process_resumes_to_identical_weights(small_cache, tmp_path):
     """A real subprocess killed with SIGKILL mid-run, then the same command again."""
-    args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from train.cli import train_cmd; "
+    args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from fast_sae.train.cli import train_cmd; "
             "train_cmd(sys.argv[1:])", str(small_cache), "--layers", "3", "--architectures", "standard,topk",
             "--expansion-factors", "4", "--tokens", "60000", "--batch-size", "100", "--buffer-tokens", "1000",
             "--eval-sequences", "10", "--checkpoint-every", "15", "--log-every", "50", "--lr", "1e-3",

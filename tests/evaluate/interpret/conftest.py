@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from actcache import Role
-from actcache.from_arrays import write_cache_from_arrays
-from saeio import save_sae
+from fast_sae.actcache import Role
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.saeio import save_sae
 
 D_MODEL, D_SAE = 16, 24
 

@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from evaluate.interpret.dashboard import write_dashboard
+from fast_sae.evaluate.interpret.dashboard import write_dashboard
 
 REPORTS = [
     {"feature": 3, "density": 0.01, "max_act": 7.5, "mean_act": 0.1, "contexts": [

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 
-from evaluate.interpret import JudgeConfig, run_interpretability
-from evaluate.interpret.judge import score_features
-from evaluate.interpret.judge_backends import LocalBackend
-from harvest.models import EMBEDDED_MODEL
+from fast_sae.evaluate.interpret import JudgeConfig, run_interpretability
+from fast_sae.evaluate.interpret.judge import score_features
+from fast_sae.evaluate.interpret.judge_backends import LocalBackend
+from fast_sae.lm import EMBEDDED_MODEL
 
 
 def verdict(score: int, name: str) -> str:
@@ -71,7 +71,7 @@ def test_run_interpretability_local_judge_default_model(synthetic, embedded_mode
 def test_local_constrained_answer_form_picks_the_most_likely_choice(embedded_model):
     import torch
 
-    from evaluate.interpret.judge import VERDICT_FORM, AnswerForm, load_prompt, parse_verdict
+    from fast_sae.evaluate.interpret.judge import VERDICT_FORM, AnswerForm, load_prompt, parse_verdict
 
     model, tok = embedded_model
     backend = LocalBackend(EMBEDDED_MODEL, max_new_tokens=8, model=model, tokenizer=tok)
@@ -99,8 +99,8 @@ def test_dead_sae_and_wrong_layer_are_handled(synthetic, tmp_path):
     import pytest
     import torch
 
-    from actcache import CacheError
-    from saeio import load_sae, save_sae
+    from fast_sae.actcache import CacheError
+    from fast_sae.saeio import load_sae, save_sae
     from tests.evaluate.interpret.conftest import make_sae
 
     _, cache, _, _ = synthetic

@@ -3,10 +3,18 @@ from __future__ import annotations
 
 import pytest
 
-from evaluate.interpret import JudgeConfig
-from evaluate.interpret.judge import (JudgeParseError, ReplyCache, load_prompt, parse_quality, parse_verdict,
-                                      render_contexts, score_bands, score_features)
-from evaluate.interpret.judge_backends import OpenAIBackend, make_backend
+from fast_sae.evaluate.interpret import JudgeConfig
+from fast_sae.evaluate.interpret.judge import (
+    JudgeParseError,
+    ReplyCache,
+    load_prompt,
+    parse_quality,
+    parse_verdict,
+    render_contexts,
+    score_bands,
+    score_features,
+)
+from fast_sae.evaluate.interpret.judge_backends import OpenAIBackend, make_backend
 
 GOOD = "The feature fires on end-of-turn markers.\nMy final verdict score is: [[4]], feature name is [[end of turn]]"
 REPORTS = [
@@ -111,7 +119,7 @@ def test_malformed_and_failed_replies_are_retried_then_recorded_unscored(chat_se
 
 
 def test_http_backend_rejects_broken_response_bodies(chat_server):
-    from evaluate.interpret.judge import BackendError
+    from fast_sae.evaluate.interpret.judge import BackendError
 
     server = chat_server([b"not json", b'{"choices": []}', b'{"choices": [{"message": {"content": null}}]}', 404])
     backend = OpenAIBackend(server.url.removesuffix("/v1"), "m")  # the /v1 suffix is optional

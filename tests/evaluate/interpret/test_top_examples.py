@@ -4,11 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from actcache import ActivationCache
-from actcache.from_arrays import write_cache_from_arrays
-from evaluate.interpret.top_examples import (TokenRenderer, collect_top_examples, feature_contexts,
-                                             sample_features)
-from saeio import load_sae, save_sae
+from fast_sae.actcache import ActivationCache
+from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.evaluate.interpret.top_examples import (
+    TokenRenderer,
+    collect_top_examples,
+    feature_contexts,
+    sample_features,
+)
+from fast_sae.saeio import load_sae, save_sae
 
 
 def brute_force(feats: np.ndarray, starts: np.ndarray, top_n: int):

@@ -1,0 +1,181 @@
+"""Downstream loss: the language model's cross-entropy with an SAE's reconstruction spliced in.
+
+Why: a low MSE can still destroy what the model needs (errors along directions the next layers
+read). Splicing x̂ in place of the residual stream after decoder block L (the layer the cache
+stores, ``decoder_layers(model)[L]``'s output) and measuring next-token cross-entropy on the
+cache's own token sequences answers that directly. Reported per SAE, over every predicted token
+of the evaluated sequences (token-weighted means):
+- ``clean_loss`` (no intervention), ``spliced_loss`` (x → SAE(x) at every position), ``zero_loss``
+  (residual stream zeroed at the layer: the reference for "everything lost");
+- ``delta_loss_pct`` = (spliced − clean) / clean · 100 (our reading of the ICML version's "Delta loss");
+- ``loss_recovered`` = (zero − spliced) / (zero − clean) (1 = as good as clean, 0 = as bad as zeroing);
+- ``kl_spliced`` = mean per token of KL(p_clean ‖ p_spliced), ``kl_zero`` likewise for ablation.
+Each sequence is run alone (no padding, no packing), so the model sees exactly what the cache saw.
+As a check on layer indexing (pitfalls.md), the clean pass also captures the layer's output and
+compares it to the cached activations of the same tokens (``cache_match_rel_err``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fast_sae.actcache import ActivationCache
+from fast_sae.lm import block_hidden, decoder_layers, map_block_output
+from fast_sae.saeio import LoadedSAE
+
+from .errors import EvalError
+from .sources import EvalSelection
+
+Replace = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class DownstreamConfig:
+    """How much chat data the (slow, model-bound) downstream pass reads."""
+
+    max_sequences: int = 16
+    max_tokens: int = 2048  # total tokens over the evaluated sequences (whole sequences, at least one)
+    max_seq_len: int | None = None  # truncate longer sequences (None: keep whole)
+    device: str = "cpu"
+    progress: bool = True
+
+
+@contextmanager
+def splice(model: Any, layer: int, fn: Replace) -> Iterator[None]:
+    """Replace the output of decoder block ``layer`` by ``fn(output)`` while the context is open."""
+    handle = decoder_layers(model)[layer].register_forward_hook(lambda _m, _i, out: map_block_output(out, fn))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capture(model: Any, layers: list[int], into: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Record (not change) the outputs of decoder blocks ``layers`` into ``into``."""
+    blocks = decoder_layers(model)
+    handles = [blocks[layer].register_forward_hook(
+        lambda _m, _i, out, layer=layer: into.__setitem__(layer, block_hidden(out).detach())) for layer in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def sae_replacement(sae: LoadedSAE) -> Replace:
+    return lambda h: sae(h.to(sae.W_enc.dtype)).to(h.dtype)
+
+
+def zero_replacement(h: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(h)
+
+
+def _log_probs(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """log p(next token) at every position but the last: (L-1, vocab), float32."""
+    logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+@dataclass
+class _Sums:
+    ce: float = 0.0
+    kl: float = 0.0
+
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, clean: torch.Tensor | None) -> None:
+        self.ce += float(-logp.gather(1, targets[:, None]).sum())
+        if clean is not None:
+            self.kl += float((clean.exp() * (clean - logp)).sum())
+
+
+@dataclass
+class DownstreamResult:
+    clean_loss: float
+    spliced_loss: float
+    zero_loss: float
+    kl_spliced: float
+    kl_zero: float
+    n_tokens: int
+    n_sequences: int
+    layer: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def delta_loss_pct(self) -> float:
+        return (self.spliced_loss - self.clean_loss) / self.clean_loss * 100.0 if self.clean_loss else float("nan")
+
+    @property
+    def loss_recovered(self) -> float:
+        gap = self.zero_loss - self.clean_loss
+        return (self.zero_loss - self.spliced_loss) / gap if gap != 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clean_loss": self.clean_loss, "spliced_loss": self.spliced_loss, "zero_loss": self.zero_loss,
+                "delta_loss_pct": self.delta_loss_pct, "loss_recovered": self.loss_recovered,
+                "kl_spliced": self.kl_spliced, "kl_zero": self.kl_zero, "n_tokens": self.n_tokens,
+                "n_sequences": self.n_sequences, "layer": self.layer, **self.extra}
+
+
+def downstream_sequences(selection: EvalSelection, cfg: DownstreamConfig) -> list[tuple[int, int]]:
+    """Token ranges [start, stop) of the sequences the downstream pass runs (a prefix of the selection)."""
+    out: list[tuple[int, int]] = []
+    total = 0
+    for s in selection.sequences[: cfg.max_sequences]:
+        a, b = int(selection.seq_starts[s]), int(selection.seq_starts[s + 1])
+        if cfg.max_seq_len is not None:
+            b = min(b, a + cfg.max_seq_len)
+        if b - a < 2:
+            continue  # nothing to predict
+        if out and total + (b - a) > cfg.max_tokens:
+            break
+        out.append((a, b))
+        total += b - a
+    return out
+
+
+@torch.no_grad()
+def evaluate_downstream(model: Any, saes: dict[str, tuple[LoadedSAE, int]], cache: ActivationCache,
+                        selection: EvalSelection, cfg: DownstreamConfig | None = None) -> dict[str, DownstreamResult]:
+    """Clean, spliced and zero-ablated LM loss of every SAE (``name -> (sae, layer)``) on the cache's tokens."""
+    cfg = cfg or DownstreamConfig()
+    ranges = downstream_sequences(selection, cfg)
+    if not ranges:
+        raise EvalError(f"{cache.path}: no eval sequence has two tokens; nothing to predict for the downstream loss")
+    ids_all = cache.token_ids()
+    layers = sorted({layer for _, layer in saes.values()})
+    clean, zero = _Sums(), {layer: _Sums() for layer in layers}
+    spliced = {name: _Sums() for name in saes}
+    match_err = {layer: 0.0 for layer in layers}
+    n_pred = 0
+    bar = tqdm(ranges, unit="seq", desc=f"downstream loss ({len(saes)} SAEs)", disable=not cfg.progress, leave=False)
+    for a, b in bar:
+        ids = torch.as_tensor(ids_all[a:b].astype(np.int64), device=cfg.device)
+        targets = ids[1:]
+        captured: dict[int, torch.Tensor] = {}
+        with capture(model, layers, captured):
+            logp_clean = _log_probs(model, ids)
+        clean.add(logp_clean, targets, None)
+        for layer in layers:
+            cached = torch.from_numpy(np.asarray(cache.read(layer, a, b), dtype=np.float32))
+            got = captured[layer][0].float().cpu()
+            rel = float((got - cached).norm(dim=-1).max() / cached.norm(dim=-1).max().clamp_min(1e-12))
+            match_err[layer] = max(match_err[layer], rel)
+            with splice(model, layer, zero_replacement):
+                zero[layer].add(_log_probs(model, ids), targets, logp_clean)
+        for name, (sae, layer) in saes.items():
+            with splice(model, layer, sae_replacement(sae)):
+                spliced[name].add(_log_probs(model, ids), targets, logp_clean)
+        n_pred += len(targets)
+    n = max(n_pred, 1)
+    return {name: DownstreamResult(
+        clean_loss=clean.ce / n, spliced_loss=spliced[name].ce / n, zero_loss=zero[layer].ce / n,
+        kl_spliced=spliced[name].kl / n, kl_zero=zero[layer].kl / n, n_tokens=n_pred, n_sequences=len(ranges),
+        layer=layer, extra={"cache_match_rel_err": match_err[layer]})
+        for name, (sae, layer) in saes.items()}

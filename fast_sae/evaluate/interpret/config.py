@@ -1,0 +1,66 @@
+"""Configuration of the LLM judge, shared by interpretability scoring and the intervention.
+
+Why a dataclass of plain values: the CLI builds it from flags, it is written verbatim into the
+result files, and every field that changes a judge's answer (backend, model, prompt, length) is
+part of the on-disk cache key, so a changed setting never reuses a stale answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fast_sae.lm import EMBEDDED_MODEL
+
+from ..errors import EvalError
+
+BACKENDS = ("local", "openai")
+
+
+@dataclass
+class JudgeConfig:
+    """Which LLM judges, and how.
+
+    backend: "local" (a transformers model loaded through fast_sae.lm, greedy, chat template) or
+        "openai" (any OpenAI-compatible ``/v1/chat/completions`` endpoint: vLLM, a hosted API).
+    model: model id; for "local" any hub id / folder / the embedded model (default), for "openai"
+        the served model name.
+    base_url: endpoint root for "openai", e.g. ``http://127.0.0.1:8000/v1`` (with or without ``/v1``).
+    api_key_env: name of the environment variable holding the API key (unset: no auth header);
+        the key itself is never stored in a config or result file.
+    max_new_tokens: reply length budget per call.
+    retries: extra attempts after a malformed reply or a failed call (attempt 0 is greedy,
+        later attempts sample at ``retry_temperature`` so a deterministic judge can change its mind).
+    cache_dir: where replies are cached (None: ``<out_dir>/judge_cache``).
+    timeout_s: HTTP timeout per request ("openai").
+    constrained: "local" only: build the reply in the prompt's answer format (most likely score,
+        generated name) instead of hoping a small model writes the verdict line; see LocalBackend.
+    """
+
+    backend: str = "local"
+    model: str = EMBEDDED_MODEL
+    base_url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_new_tokens: int = 64
+    retries: int = 2
+    cache_dir: Path | None = None
+    timeout_s: float = 120.0
+    retry_temperature: float = 0.7
+    device: str = "cpu"
+    constrained: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise EvalError(f"judge backend {self.backend!r}: expected one of {BACKENDS}")
+        if self.backend == "openai" and not self.base_url:
+            raise EvalError("judge backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.retries < 0 or self.max_new_tokens < 1:
+            raise EvalError("judge retries must be >= 0 and max_new_tokens >= 1")
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
+
+    def describe(self) -> dict:
+        """JSON-safe summary for result files (no secrets: only the env var's name)."""
+        return {"backend": self.backend, "model": self.model, "base_url": self.base_url,
+                "api_key_env": self.api_key_env, "max_new_tokens": self.max_new_tokens,
+                "retries": self.retries, "retry_temperature": self.retry_temperature,
+                "constrained": self.constrained if self.backend == "local" else None}

@@ -1,0 +1,102 @@
+"""``run_interpretability``: top examples -> (optional) LLM judge -> dashboard, for one SAE.
+
+Why one entry point: the CLI (fast_sae/evaluate/cli.py) calls this per SAE behind a flag and only needs the
+summary dict it returns (score-band shares and file paths) for its report.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fast_sae.actcache import ActivationCache
+from fast_sae.saeio import load_sae
+
+from .config import JudgeConfig
+from .dashboard import write_dashboard
+from .judge import ReplyCache, load_prompt, score_bands, score_features
+from .judge_backends import make_backend
+from .top_examples import (
+    TokenRenderer,
+    collect_top_examples,
+    feature_contexts,
+    live_features,
+    sae_layer,
+    sample_features,
+)
+
+JUDGE_PROMPT = "judge_v1"
+
+
+def run_interpretability(sae_dir: Path, cache_path: Path, out_dir: Path, *, n_features: int = 32, top_n: int = 5,
+                         window: int = 8, judge: JudgeConfig | None = None, seed: int = 0,
+                         judge_model: tuple[Any, Any] | None = None, device: str = "cpu") -> dict:
+    """Score one SAE's interpretability on a cache (the paper's §5.3 protocol, sizes configurable).
+
+    1. Stream the SAE's layer of ``cache_path``: per feature the ``top_n`` highest-activating
+       contexts (one per sequence, ``window`` tokens either side of the arg-max token), density,
+       max and mean activation.
+    2. Sample ``n_features`` live features (seeded by ``seed``; all live ones if fewer).
+    3. If ``judge`` is given, ask the judge (prompt ``fast_sae/evaluate/prompts/judge_v1.md``) for a 1-5
+       Activation Consistency score and a name per sampled feature; replies are cached under
+       ``judge.cache_dir`` (default ``out_dir/judge_cache``); malformed replies are retried
+       ``judge.retries`` times, then recorded as unscored with the reason.
+    4. Write ``out_dir/top_examples.json`` (density/max of every feature, contexts of the sampled
+       ones), ``out_dir/judge_scores.json`` (only when judged: per-feature records and score bands)
+       and ``out_dir/dashboard.html``.
+
+    ``judge_model`` optionally passes an already loaded (model, tokenizer) to the local judge;
+    ``device`` is where the SAE encodes the cache (e.g. "cuda"; the top-k tables stay on the CPU).
+    Returns a JSON-safe summary: counts, dead fraction, ``scores`` (``judge.score_bands``: share per
+    score, ``top_range_share`` for 4-5, CDF; None without a judge) and ``files`` (name -> path).
+    """
+    t0 = time.time()
+    sae_dir, cache_path, out_dir = Path(sae_dir), Path(cache_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sae = load_sae(sae_dir, device=device)
+    cache = ActivationCache.open(cache_path)
+    layer = sae_layer(sae, cache)
+    top = collect_top_examples(sae, cache, top_n, layer=layer)
+    features = sample_features(top, n_features, seed)
+    reports = feature_contexts(sae, cache, top, features, window=window, render=TokenRenderer.for_cache(cache),
+                               layer=layer)
+    n_live = int(len(live_features(top)))
+    d_sae = int(sae.cfg["d_sae"])
+    files: dict[str, str] = {}
+
+    top_file = out_dir / "top_examples.json"
+    top_file.write_text(json.dumps({
+        "sae": str(sae_dir), "cache": str(cache_path), "layer": layer, "d_sae": d_sae, "top_n": top_n,
+        "window": window, "seed": seed, "n_tokens": top.stats.n_tokens, "n_live": n_live,
+        "density": np.round(top.stats.density, 8).tolist(), "max_act": top.stats.max_act.tolist(),
+        "features": reports}, ensure_ascii=False))
+    files["top_examples"] = str(top_file)
+
+    records, bands = None, None
+    if judge is not None:
+        backend = make_backend(judge, **({} if judge_model is None else
+                                         {"model": judge_model[0], "tokenizer": judge_model[1]}))
+        prompt = load_prompt(JUDGE_PROMPT)
+        reply_cache = ReplyCache(judge.cache_dir or out_dir / "judge_cache")
+        records = score_features(reports, backend, reply_cache, retries=judge.retries, prompt=prompt)
+        bands = score_bands(records)
+        judge_file = out_dir / "judge_scores.json"
+        judge_file.write_text(json.dumps({"judge": judge.describe(), "prompt": prompt.version,
+                                          "prompt_sha256": prompt.sha256, "backend_calls": backend.calls,
+                                          "bands": bands, "records": records}, indent=1, ensure_ascii=False))
+        files["judge_scores"] = str(judge_file)
+
+    summary = {"sae": str(sae_dir), "cache": str(cache_path), "layer": layer, "d_sae": d_sae,
+               "n_tokens": top.stats.n_tokens, "n_live": n_live, "dead_fraction": 1 - n_live / d_sae,
+               "n_features_sampled": len(features), "features": features,
+               "judge": judge.describe() if judge else None, "scores": bands, "files": files}
+    dash = write_dashboard(out_dir / "dashboard.html", title=f"SAE features: {sae_dir.name} (layer {layer})",
+                           reports=reports, density=top.stats.density, judged=records,
+                           summary={k: summary[k] for k in ("sae", "cache", "layer", "d_sae", "n_tokens", "n_live")}
+                           | ({"top_range_share (4-5)": bands["top_range_share"]} if bands else {}))
+    files["dashboard"] = str(dash)
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary

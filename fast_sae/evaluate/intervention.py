@@ -1,0 +1,344 @@
+"""The special-token intervention (FAST paper §6): steer generation with the SAE features that fire on
+chat-template special tokens, and judge the replies against the unmodified model's.
+
+Entry point (called by fast_sae/evaluate/runner.py)::
+
+    run_intervention(sae_dir, cache_path, out_dir, *, prompts=None, alphas=(0, 15, 25, 50),
+                     n_features=1, positions="all", max_new_tokens=48, judge=None,
+                     features=None, mode="add", top_k=5, model_id=None, model=None) -> dict
+
+1. Feature discovery, from the cache only (no model): for every special-token id occurring at a
+   special-token position (roles ``actcache.SPECIAL_ROLES``: BOS, template special tokens, template
+   role/newline tokens, separators), the feature's maximum activation over that token's occurrences
+   in each sample (doc id), averaged over the samples containing it (the paper's "average maximum
+   activation", Tables 12-18); top ``top_k`` features per token. The ``n_features`` steered features
+   are the highest such averages (distinct features) over the marker tokens (roles BOS / special /
+   separator, e.g. <|im_start|>, <|im_end|>; all listed tokens if there are none), unless
+   ``features`` is given.
+2. Generation: each prompt as a one-turn user chat through the model's chat template, greedy,
+   ``max_new_tokens``; first unmodified (no hook), then for every feature and alpha with a forward
+   hook on ``decoder_layers(model)[hook_layer]`` (the SAE's layer: the cache stores that block's
+   output) that adds ``alpha * W_dec[k]`` (eq. 8, ``mode="add"``) to the residual stream, at every
+   position (``positions="all"``: prompt and generated tokens) or only where the input token is a
+   special token (``positions="special"``: the tokenizer's special ids, e.g. <|im_start|>, <|im_end|>).
+   ``mode="scale"`` instead multiplies the feature's own activation by alpha
+   (h + (alpha - 1) * f_k(h) * W_dec[k]; alpha 1 = unmodified, 0 = ablated). alpha = 0 in add mode
+   leaves every float unchanged, so it reproduces the unmodified generation exactly; the result
+   records that check per reply (``identical_to_unmodified``).
+3. With a ``judge`` (``evaluate.interpret.JudgeConfig``), every reply (unmodified and steered) is
+   scored 1-10 with ``fast_sae/evaluate/prompts/reply_quality_v1.md`` (strict ``Quality score: [[S]]``
+   parsing, retries, on-disk reply cache as for interpretability). The paper judged only
+   qualitatively; this is our quantitative stand-in.
+Writes ``out_dir/intervention.json`` (everything, all replies) and ``out_dir/intervention.md`` (the
+table alpha -> mean score per feature, plus the special-token feature table). Returns the summary.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fast_sae.actcache import SPECIAL_ROLES, ActivationCache, Role
+from fast_sae.lm import decoder_layers, load_model, load_tokenizer, map_block_output
+from fast_sae.saeio import load_sae
+
+from .errors import EvalError
+from .interpret.config import JudgeConfig
+from .interpret.judge import QUALITY_FORM, ReplyCache, ask, load_prompt, parse_quality
+from .interpret.judge_backends import make_backend
+from .interpret.top_examples import TokenRenderer, sae_layer
+
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "intervention_prompts.json"
+QUALITY_PROMPT = "reply_quality_v1"
+POSITIONS = ("all", "special")
+MARKER_ROLES = (Role.BOS, Role.SPECIAL, Role.SEPARATOR)  # true special tokens, not plain template text
+MODES = ("add", "scale")
+
+
+def default_prompts() -> list[str]:
+    """The instructions shipped in fast_sae/evaluate/prompts/intervention_prompts.json."""
+    return list(json.loads(PROMPTS_FILE.read_text(encoding="utf-8"))["prompts"])
+
+
+# ------------------------------------------------------------------------------- feature discovery
+@torch.no_grad()
+def special_token_features(sae: Any, cache: ActivationCache, *, top_k: int = 5, layer: int | None = None,
+                           block_tokens: int = 4096) -> list[dict]:
+    """Per special-token id: its top ``top_k`` features by average (over samples) max activation.
+
+    One streaming pass; only special-token rows are encoded. A sample is a doc id when doc ids are
+    non-decreasing in the stream (always, for caches this tool writes), else a sequence. Returns
+    ``[{token_id, token, marker, n_samples, n_occurrences, top: [{feature, value}]}]`` sorted by token
+    id; ``marker`` is true for true special tokens (roles BOS / special / separator: <|im_start|>,
+    <|im_end|> ...), false for plain template tokens (role names, newlines, a default system prompt).
+    """
+    layer = sae_layer(sae, cache) if layer is None else layer
+    roles, ids = cache.roles(), cache.token_ids()
+    special = np.isin(roles, [int(r) for r in SPECIAL_ROLES])
+    if not special.any():
+        return []
+    docs = cache.doc_ids().astype(np.int64)
+    sample = docs if np.all(np.diff(docs) >= 0) else cache.sequence_of_token().astype(np.int64)
+    token_set = np.unique(ids[special])
+    slot_of = {int(t): i for i, t in enumerate(token_set)}
+    d_sae = int(sae.cfg["d_sae"])
+    sums = torch.zeros(len(token_set), d_sae, dtype=torch.float64)
+    n_samples = torch.zeros(len(token_set), dtype=torch.int64)
+    pending_keys = np.zeros((0, 2), np.int64)  # (sample, token) pairs of the still-open sample
+    pending_max = torch.zeros(0, d_sae)
+
+    def finalize(keys: np.ndarray, maxima: torch.Tensor) -> None:
+        slots = torch.as_tensor([slot_of[int(t)] for t in keys[:, 1]], dtype=torch.int64)
+        sums.index_add_(0, slots, maxima.double())
+        n_samples.index_add_(0, slots, torch.ones_like(slots))
+
+    for start, chunk in cache.iter_chunks(layer):
+        stop = start + chunk.shape[0]
+        rows = np.flatnonzero(special[start:stop])
+        keys, maxima = pending_keys, pending_max
+        for lo in range(0, len(rows), block_tokens):
+            r = rows[lo:lo + block_tokens]
+            f = sae.encode(torch.from_numpy(np.array(chunk[r], dtype=np.float32)).to(sae.W_enc.device)).float().cpu()
+            keys = np.concatenate([keys, np.stack([sample[start + r], ids[start + r].astype(np.int64)], 1)])
+            maxima = torch.cat([maxima, f])
+            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+            index = torch.as_tensor(inverse.reshape(-1), dtype=torch.int64)[:, None].expand(-1, d_sae)
+            maxima = torch.full((len(uniq), d_sae), -torch.inf).scatter_reduce(0, index, maxima, "amax")
+            keys = uniq
+        open_sample = sample[stop - 1]
+        done = keys[:, 0] < open_sample
+        if done.any():
+            finalize(keys[done], maxima[torch.as_tensor(done)])
+        pending_keys, pending_max = keys[~done], maxima[torch.as_tensor(~done)]
+    if len(pending_keys):
+        finalize(pending_keys, pending_max)
+
+    avg = (sums / n_samples.clamp(min=1)[:, None]).float()
+    k = min(top_k, d_sae)
+    values, feats = torch.topk(avg, k, dim=1)
+    render = TokenRenderer.for_cache(cache)
+    occurrences = dict(zip(*np.unique(ids[special], return_counts=True)))
+    markers = set(np.unique(ids[np.isin(roles, [int(r) for r in MARKER_ROLES])]).tolist())
+    return [{"token_id": int(t), "token": render(int(t)), "marker": int(t) in markers,
+             "n_samples": int(n_samples[i]), "n_occurrences": int(occurrences[t]),
+             "top": [{"feature": int(f), "value": float(v)} for f, v in zip(feats[i], values[i])]}
+            for i, t in enumerate(token_set)]
+
+
+def pick_features(table: Sequence[dict], n: int) -> list[int]:
+    """The ``n`` distinct features with the highest average max activation on a special token.
+
+    Only marker tokens (<|im_start|>, <|im_end|>, BOS ...) are ranked when the table has any: plain
+    template tokens include the template's default system prompt, whose features are content features.
+    """
+    rows = [row for row in table if row.get("marker")] or list(table)
+    ranked = sorted(((e["value"], e["feature"]) for row in rows for e in row["top"] if e["value"] > 0),
+                    key=lambda p: (-p[0], p[1]))
+    picked: list[int] = []
+    for _, f in ranked:
+        if f not in picked:
+            picked.append(f)
+        if len(picked) == n:
+            break
+    return picked
+
+
+# ------------------------------------------------------------------------------- steering
+@dataclass
+class SteeringSpec:
+    """What to add where: feature ``feature`` of ``sae``, strength ``alpha``, at ``layer``."""
+
+    layer: int
+    direction: torch.Tensor  # W_dec[feature], [d_model]
+    alpha: float
+    positions: str = "all"
+    special_ids: tuple[int, ...] = ()
+    mode: str = "add"
+    sae: Any = None
+    feature: int | None = None
+
+
+@contextmanager
+def steering(model: Any, spec: SteeringSpec) -> Iterator[None]:
+    """Hooks that steer every forward pass inside the ``with`` block (generate's cached steps too).
+
+    A pre-hook on the input embeddings records the token ids of the current forward pass (so the
+    "special" position mask is right for prompt and generated tokens alike); a forward hook on the
+    decoder block rewrites its output, which may be a tensor or a tuple (transformers versions differ).
+    """
+    if spec.positions not in POSITIONS:
+        raise EvalError(f"positions {spec.positions!r}: expected one of {POSITIONS}")
+    if spec.mode not in MODES:
+        raise EvalError(f"mode {spec.mode!r}: expected one of {MODES}")
+    if spec.mode == "scale" and (spec.sae is None or spec.feature is None):
+        raise EvalError("mode 'scale' needs the SAE and the feature index")
+    current: dict[str, torch.Tensor] = {}
+    special = torch.as_tensor(list(spec.special_ids), dtype=torch.int64)
+
+    def record_ids(_module: Any, args: tuple) -> None:
+        current["ids"] = args[0]
+
+    def shift(hidden: torch.Tensor) -> torch.Tensor:
+        direction = spec.direction.to(hidden.device, hidden.dtype)
+        if spec.mode == "add":
+            delta = spec.alpha * direction
+        else:
+            act = spec.sae.encode(hidden.float())[..., spec.feature].to(hidden.dtype)
+            delta = (spec.alpha - 1.0) * act[..., None] * direction
+        if spec.positions == "special":
+            mask = torch.isin(current["ids"], special.to(current["ids"].device))[..., None]
+            hidden = torch.where(mask, hidden + delta, hidden)
+        else:
+            hidden = hidden + delta
+        return hidden
+
+    handles = [model.get_input_embeddings().register_forward_pre_hook(record_ids),
+               decoder_layers(model)[spec.layer].register_forward_hook(
+                   lambda _m, _a, output: map_block_output(output, shift))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def generate_reply(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> tuple[str, list[int]]:
+    """Greedy reply to one user turn rendered with the chat template: (text, new token ids)."""
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    input_ids = enc["input_ids"].to(model.device)
+    out = model.generate(input_ids=input_ids, attention_mask=enc["attention_mask"].to(model.device),
+                         do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                         else tokenizer.eos_token_id)
+    new = out[0, input_ids.shape[1]:].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), new
+
+
+# ------------------------------------------------------------------------------- the experiment
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def _markdown(summary: dict, rows: list[dict]) -> str:
+    lines = [f"# Special-token intervention: {summary['sae']}", "",
+             f"model `{summary['model']}`, layer {summary['layer']}, mode `{summary['mode']}`, positions "
+             f"`{summary['positions']}`, {summary['n_prompts']} prompts, greedy, max_new_tokens "
+             f"{summary['max_new_tokens']}, judge: {summary['judge']['model'] if summary['judge'] else 'none'}", "",
+             f"Unmodified model: mean quality {summary['unmodified_mean_score']}", "",
+             "| feature | alpha | mean score (1-10) | delta vs unmodified | scored | identical to unmodified |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
+        lines.append(f"| {r['feature']} | {r['alpha']:g} | {fmt(r['mean_score'])} | {fmt(r['delta_vs_unmodified'])} | "
+                     f"{r['n_scored']}/{len(r['replies'])} | {r['n_identical_to_unmodified']}/{len(r['replies'])} |")
+    lines += ["", "## Features on special tokens (average max activation, top features)", "",
+              "| token id | token | samples | top features (feature: value) |", "|---|---|---|---|"]
+    for t in summary["special_token_features"]:
+        tops = ", ".join(f"{e['feature']}: {e['value']:.2f}" for e in t["top"])
+        token = json.dumps(t["token"], ensure_ascii=False).replace("|", "\\|")
+        lines.append(f"| {t['token_id']}{' (marker)' if t.get('marker') else ''} | `{token}` | {t['n_samples']} | {tops} |")
+    lines += ["", "## Replies to the first prompt", ""]
+    first = summary["prompts"][0] if summary["prompts"] else ""
+    lines.append(f"**Prompt:** {first}\n\n**Unmodified:** {summary['unmodified'][0]['reply'] if summary['unmodified'] else ''}\n")
+    for r in rows:
+        lines.append(f"**feature {r['feature']}, alpha {r['alpha']:g}:** {r['replies'][0]['reply'] if r['replies'] else ''}\n")
+    return "\n".join(lines) + "\n"
+
+
+def run_intervention(sae_dir: Path, cache_path: Path, out_dir: Path, *, prompts: list[str] | None = None,
+                     alphas: tuple = (0, 15, 25, 50), n_features: int = 1, positions: str = "all",
+                     max_new_tokens: int = 48, judge: JudgeConfig | None = None, features: list[int] | None = None,
+                     mode: str = "add", top_k: int = 5, model_id: str | None = None,
+                     model: tuple[Any, Any] | None = None, device: str = "cpu") -> dict:
+    """Run the experiment described in the module docstring; ``model`` may pass a loaded (model, tokenizer),
+    else the model is loaded on ``device``.
+
+    ``model_id`` defaults to the cache's model (the one the SAE was trained on). Returns a JSON-safe
+    summary with ``rows`` (feature, alpha, mean_score, delta_vs_unmodified, replies ...),
+    ``unmodified_mean_score``, ``special_token_features`` and ``files``.
+    """
+    t0 = time.time()
+    sae_dir, cache_path, out_dir = Path(sae_dir), Path(cache_path), Path(out_dir)
+    if positions not in POSITIONS or mode not in MODES:
+        raise EvalError(f"positions {positions!r} / mode {mode!r}: expected one of {POSITIONS} / {MODES}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = ActivationCache.open(cache_path)
+    sae = load_sae(sae_dir)
+    layer = sae_layer(sae, cache)
+    table = special_token_features(sae, cache, top_k=top_k, layer=layer)
+    chosen = [int(f) for f in features] if features else pick_features(table, n_features)
+    if not chosen:
+        raise EvalError(f"{cache_path}: no feature fires on a special-token position; pass features explicitly")
+    for f in chosen:
+        if not 0 <= f < sae.d_sae:
+            raise EvalError(f"feature {f} outside 0..{sae.d_sae - 1}")
+    prompts = list(prompts) if prompts else default_prompts()
+
+    model_id = model_id or cache.meta.model_id
+    if model is None:
+        lm, tok = load_model(model_id, device=device), load_tokenizer(model_id)
+    else:
+        lm, tok = model
+    sae = sae.to(lm.device)  # the steering hook (scale mode) encodes on the model's device
+    if int(lm.config.get_text_config().hidden_size) != sae.d_in:
+        raise EvalError(f"model {model_id!r} has d_model {lm.config.get_text_config().hidden_size}, SAE d_in {sae.d_in}")
+    special_ids = tuple(sorted(set(cache.meta.special_token_ids) | set(tok.all_special_ids)))
+
+    unmodified = []
+    for p in prompts:
+        text, ids = generate_reply(lm, tok, p, max_new_tokens)
+        unmodified.append({"prompt": p, "reply": text, "token_ids": ids})
+    rows = []
+    for f in chosen:
+        for alpha in alphas:
+            spec = SteeringSpec(layer=layer, direction=sae.W_dec[f].detach(), alpha=float(alpha), positions=positions,
+                                special_ids=special_ids, mode=mode, sae=sae, feature=f)
+            replies = []
+            with steering(lm, spec):
+                for p, base in zip(prompts, unmodified):
+                    text, ids = generate_reply(lm, tok, p, max_new_tokens)
+                    replies.append({"prompt": p, "reply": text, "token_ids": ids,
+                                    "identical_to_unmodified": ids == base["token_ids"]})
+            rows.append({"feature": f, "alpha": float(alpha), "replies": replies,
+                         "n_identical_to_unmodified": sum(r["identical_to_unmodified"] for r in replies)})
+
+    backend_calls = 0
+    if judge is not None:
+        reuse = judge.backend == "local" and judge.model == model_id
+        backend = make_backend(judge, **({"model": lm, "tokenizer": tok} if reuse else {}))
+        prompt = load_prompt(QUALITY_PROMPT)
+        reply_cache = ReplyCache(judge.cache_dir or out_dir / "judge_cache")
+        for item in unmodified + [r for row in rows for r in row["replies"]]:
+            out = ask(backend, reply_cache, prompt, prompt.messages(instruction=item["prompt"], reply=item["reply"]),
+                      parse_quality, judge.retries, QUALITY_FORM)
+            item["score"], item["reason"], item["judge_replies"] = out.value, out.reason, out.replies
+        backend_calls = backend.calls
+    base_mean = _mean([r["score"] for r in unmodified if r.get("score") is not None])
+    for row in rows:
+        scores = [r["score"] for r in row["replies"] if r.get("score") is not None]
+        row["n_scored"], row["mean_score"] = len(scores), _mean(scores)
+        row["delta_vs_unmodified"] = (None if row["mean_score"] is None or base_mean is None
+                                      else row["mean_score"] - base_mean)
+
+    summary = {"sae": str(sae_dir), "cache": str(cache_path), "model": model_id, "layer": layer, "mode": mode,
+               "positions": positions, "alphas": [float(a) for a in alphas], "features": chosen,
+               "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "prompts": prompts,
+               "special_ids": list(special_ids), "judge": judge.describe() if judge else None,
+               "judge_prompt": QUALITY_PROMPT if judge else None, "judge_backend_calls": backend_calls,
+               "special_token_features": table, "unmodified": unmodified,
+               "unmodified_mean_score": base_mean, "rows": rows}
+    json_file, md_file = out_dir / "intervention.json", out_dir / "intervention.md"
+    json_file.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+    md_file.write_text(_markdown(summary, rows), encoding="utf-8")
+    summary["files"] = {"json": str(json_file), "markdown": str(md_file)}
+    summary["seconds"] = round(time.time() - t0, 2)
+    return summary

@@ -1,0 +1,109 @@
+"""Building the token stream of each regime: FAST, BT(F), BT(P) (cache_layout.md, "Regimes").
+
+FAST keeps one conversation per sequence; the two block-training baselines concatenate and cut
+into fixed blocks, so their blocks mix samples and cut them mid-way, as SAELens does.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fast_sae.actcache import Role, TokenArrays
+
+from .data import Fingerprint
+from .render import TemplateInfo, render_conversation
+
+SEPARATORS = ("none", "bos", "eos")
+
+
+class StreamError(Exception):
+    """The requested stream cannot be built; one line."""
+
+
+@dataclass
+class Piece:
+    """One rendered sample: its tokens, their roles, and the sample's index in the dataset."""
+
+    ids: np.ndarray
+    roles: np.ndarray
+    doc_id: int
+
+
+def chat_pieces(conversations: Iterable[list[dict[str, str]]], tokenizer: Any, info: TemplateInfo,
+                fingerprint: Fingerprint, system_prompt: str | None = None) -> Iterator[Piece]:
+    for doc_id, messages in enumerate(conversations):
+        if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        fingerprint.add(messages)
+        ids, roles = render_conversation(tokenizer, messages, info)
+        yield Piece(ids, roles, doc_id)
+
+
+def text_pieces(texts: Iterable[str], tokenizer: Any, fingerprint: Fingerprint) -> Iterator[Piece]:
+    for doc_id, text in enumerate(texts):
+        fingerprint.add(text)
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        yield Piece(ids, np.full(len(ids), int(Role.TEXT), np.uint8), doc_id)
+
+
+def _assemble(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> TokenArrays:
+    if not seqs:
+        raise StreamError("the dataset produced no sequence (empty dataset, or fewer tokens than one block)")
+    lengths = np.array([len(s[0]) for s in seqs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return TokenArrays(
+        ids=np.concatenate([s[0] for s in seqs]).astype(np.int32),
+        positions=np.concatenate([np.arange(n) for n in lengths]).astype(np.int32),
+        roles=np.concatenate([s[1] for s in seqs]).astype(np.uint8),
+        doc_ids=np.concatenate([s[2] for s in seqs]).astype(np.int32),
+        seq_starts=starts.astype(np.int64),
+    )
+
+
+def fast_stream(pieces: Iterable[Piece], context_size: int, max_tokens: int | None) -> TokenArrays:
+    """One piece per sequence, truncated at context_size, in dataset order; stops before max_tokens is passed."""
+    seqs = []
+    total = 0
+    for p in pieces:
+        ids, roles = p.ids[:context_size], p.roles[:context_size]
+        if not len(ids):
+            continue
+        if max_tokens is not None and total + len(ids) > max_tokens:
+            break
+        seqs.append((ids, roles, np.full(len(ids), p.doc_id, np.int64)))
+        total += len(ids)
+    return _assemble(seqs)
+
+
+def block_stream(pieces: Iterable[Piece], context_size: int, max_tokens: int | None,
+                 separator_id: int | None = None) -> TokenArrays:
+    """Concatenate pieces (optionally with a separator token before each) and cut into full blocks."""
+    budget = None if max_tokens is None else (max_tokens // context_size) * context_size
+    ids_parts, role_parts, doc_parts = [], [], []
+    total = 0
+    for p in pieces:
+        if separator_id is not None:
+            ids_parts.append(np.array([separator_id]))
+            role_parts.append(np.array([int(Role.SEPARATOR)], np.uint8))
+            doc_parts.append(np.array([p.doc_id]))
+            total += 1
+        ids_parts.append(p.ids)
+        role_parts.append(p.roles)
+        doc_parts.append(np.full(len(p.ids), p.doc_id, np.int64))
+        total += len(p.ids)
+        if budget is not None and total >= budget:
+            break
+    if not ids_parts:
+        raise StreamError("the dataset produced no tokens")
+    ids, roles, docs = (np.concatenate(x) for x in (ids_parts, role_parts, doc_parts))
+    n_blocks = len(ids) // context_size
+    if budget is not None:
+        n_blocks = min(n_blocks, budget // context_size)
+    if n_blocks == 0:
+        raise StreamError(f"the dataset has {len(ids)} tokens, fewer than one block of --context-size {context_size}")
+    seqs = [(ids[i * context_size:(i + 1) * context_size], roles[i * context_size:(i + 1) * context_size],
+             docs[i * context_size:(i + 1) * context_size]) for i in range(n_blocks)]
+    return _assemble(seqs)
