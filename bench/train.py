@@ -101,12 +101,12 @@ def bench_step(d: int, ef: int, batch: int, device: str) -> dict[str, float]:
 
 
 def bench_grid(cache_path: Path, k: int, ef: int, tokens: int, batch: int, device: str, work: Path) -> dict[str, float]:
-    cfg = TrainConfig(tokens=tokens, batch_size=batch, buffer_tokens=1 << 15, log_every=10, eval_sequences=0,
+    cfg = TrainConfig(tokens=tokens, batch_tokens=batch, buffer_tokens=1 << 15, log_every=10, eval_sequences=0,
                       eval_max_tokens=4096, device=device, checkpoint_every=10 ** 9)
     coefs = [1.0 + i for i in range(k)]
 
     def run(name: str, values: list[float]) -> float:
-        grid = GridConfig(layers=[0], architectures=["standard"], expansion_factors=[ef], sparsity={"standard": values})
+        grid = GridConfig(layers=[0], architectures=["standard"], expansion_factors=[ef], l1_coefficients=values)
         t = time.perf_counter()
         Trainer(cache_path, work / name, cfg, grid, echo=lambda s: None, progress=False).run()
         return time.perf_counter() - t

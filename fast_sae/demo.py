@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
+
+from fast_sae.options import click_options, from_options, setting
 
 
 def _run(args: list[str]) -> None:
@@ -21,23 +25,31 @@ def _run(args: list[str]) -> None:
     cli.main(args=args, prog_name="pipeline.py", standalone_mode=False)
 
 
+@dataclass
+class DemoConfig:
+    """The study's sizes; every field is also a `pipeline.py demo` option."""
+
+    out: Path = setting(Path("runs/demo"), help="Folder for caches, runs, evaluation and comparison.")
+    tokens: int = setting(40_000, help="Tokens harvested per regime.")
+    layer: int = setting(15, help="Decoder block (SmolLM2 has 30).")
+    context_size: int = setting(512, help="FAST truncation / BT block length.")
+    architectures: list[str] = setting(default_factory=lambda: ["standard", "jumprelu", "topk", "batchtopk"],
+                                       help="SAE architectures.")
+    expansion_factor: int = setting(4, help="d_sae / d_model.")
+    train_tokens: int = setting(160_000, help="Training tokens per SAE (several passes over a small cache).")
+    eval_sequences: int = setting(120, help="FAST conversations held out for evaluation.")
+    judge: bool = setting(True, help="Score features with the local judge (the embedded model; slow on a CPU).")
+    n_features: int = setting(8, help="Features per SAE sent to the judge.")
+
+
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
-@click.option("--tokens", type=int, default=40_000, show_default=True, help="Tokens harvested per regime.")
-@click.option("--layer", type=int, default=15, show_default=True, help="Decoder block (SmolLM2 has 30).")
-@click.option("--context-size", type=int, default=512, show_default=True)
-@click.option("--architectures", default="standard,jumprelu,topk,batchtopk", show_default=True)
-@click.option("--expansion-factor", type=int, default=4, show_default=True)
-@click.option("--train-tokens", type=int, default=160_000, show_default=True,
-              help="Training tokens per SAE (several passes over a small cache).")
-@click.option("--eval-sequences", type=int, default=120, show_default=True,
-              help="FAST conversations held out for evaluation.")
-@click.option("--judge/--no-judge", default=True, show_default=True,
-              help="Score features with the local judge (the embedded model; slow on a CPU).")
-@click.option("--n-features", type=int, default=8, show_default=True, help="Features per SAE sent to the judge.")
-def demo_cmd(out: Path, tokens: int, layer: int, context_size: int, architectures: str, expansion_factor: int,
-             train_tokens: int, eval_sequences: int, judge: bool, n_features: int) -> None:
+@click_options(DemoConfig)
+def demo_cmd(**params: Any) -> None:
     """Run harvest -> train -> evaluate -> compare for FAST, BT(F) and BT(P) on the embedded default."""
+    d = from_options(DemoConfig, params)
+    out, tokens, layer, context_size = d.out, d.tokens, d.layer, d.context_size
+    architectures, expansion_factor, train_tokens = ",".join(d.architectures), d.expansion_factor, d.train_tokens
+    eval_sequences, judge, n_features = d.eval_sequences, d.judge, d.n_features
     t0 = time.perf_counter()
     caches = {regime: out / "caches" / regime for regime in ("fast", "bt-f", "bt-p")}
     runs = {regime: out / "runs" / regime for regime in caches}
@@ -47,7 +59,7 @@ def demo_cmd(out: Path, tokens: int, layer: int, context_size: int, architecture
     for regime, cache in caches.items():
         _run(["train", str(cache), "--out", str(runs[regime]), "--layers", str(layer),
               "--architectures", architectures, "--expansion-factors", str(expansion_factor),
-              "--tokens", str(train_tokens), "--batch-size", "1024", "--lr", "5e-4", "--lr-end", "5e-5",
+              "--tokens", str(train_tokens), "--batch-tokens", "1024", "--lr", "5e-4", "--lr-end", "5e-5",
               "--buffer-tokens", "32768", "--log-every", "20",
               "--eval-sequences", str(eval_sequences if regime == "fast" else 0)])
     evaluation = out / "eval"

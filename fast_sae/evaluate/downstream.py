@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from fast_sae.actcache import ActivationCache
 from fast_sae.lm import block_hidden, decoder_layers, map_block_output
+from fast_sae.options import setting
 from fast_sae.saeio import LoadedSAE
 
 from .errors import EvalError
@@ -38,13 +39,17 @@ Replace = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class DownstreamConfig:
-    """How much chat data the (slow, model-bound) downstream pass reads."""
+    """Whether and on how much chat data the (slow, model-bound) downstream pass runs."""
 
-    max_sequences: int = 16
-    max_tokens: int = 2048  # total tokens over the evaluated sequences (whole sequences, at least one)
-    max_seq_len: int | None = None  # truncate longer sequences (None: keep whole)
-    device: str = "cpu"
-    progress: bool = True
+    enabled: bool = setting(True, flag="downstream", help="Splice each SAE into the model and measure LM loss "
+                                                          "(needs the model).")
+    max_sequences: int = setting(16, flag="downstream-sequences", help="Sequences of the downstream loss.")
+    max_tokens: int = setting(2048, flag="downstream-tokens", help="Token budget of the downstream loss (whole "
+                                                                   "sequences; at least one).")
+    max_seq_len: int | None = setting(None, flag="downstream-max-len", help="Truncate downstream sequences to this "
+                                                                            "length.")
+    device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
+    progress: bool = setting(True, cli=False, help="Set from the evaluation's --progress.")
 
 
 @contextmanager

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from fast_sae.actcache import CONTENT_ROLES, SPECIAL_ROLES, ActivationCache, Role
+from fast_sae.options import setting
 from fast_sae.saeio import LoadedSAE
 
 from .sources import EvalSelection
@@ -55,11 +56,12 @@ SUBSETS: dict[str, tuple[int, ...] | None] = {
 class ReconstructionConfig:
     """How the pass reads the cache and where feature-frequency thresholds lie."""
 
-    batch_tokens: int = 4096  # tokens per SAE forward; bounds memory (batch × d_sae floats per SAE)
-    dead_threshold: float = 0.0  # dead: firing frequency <= this (0 = never fired on the eval tokens)
-    dense_threshold: float = 0.1  # dense: firing frequency > this
-    device: str = "cpu"
-    progress: bool = True
+    batch_tokens: int = setting(4096, help="Tokens per SAE forward; bounds memory (batch x d_sae floats per SAE).")
+    dead_threshold: float = setting(0.0, help="A feature is dead if it fires on at most this share of eval tokens.")
+    dense_threshold: float = setting(0.1, help="A feature is dense if it fires on more than this share of eval "
+                                               "tokens.")
+    device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
+    progress: bool = setting(True, cli=False, help="Set from the evaluation's --progress.")
 
 
 @dataclass

@@ -7,64 +7,125 @@ so a bad SAE folder or a mismatched cache fails in a second, not after an hour.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fast_sae.actcache import ActivationCache
+from fast_sae.options import setting
 
 from .downstream import DownstreamConfig, evaluate_downstream
 from .errors import EvalError
+from .interpret.config import JudgeConfig
 from .plots import write_plots
 from .reconstruction import ReconstructionConfig, evaluate_reconstruction
 from .report import MAIN_COLUMNS, markdown_table, new_report, write_report
-from .sources import EvalSelection, SAEEntry, check_against_cache, choose_eval_sequences, load_entries
+from .sources import EvalSelection, SAEEntry, check_against_cache, choose_eval_sequences, load_entries, parse_range
+
+
+def read_prompts(text: str) -> list[str]:
+    """Intervention prompts from a file: a JSON list of strings, {"prompts": [...]}, or one per line."""
+    path = Path(text)
+    try:
+        body = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise EvalError(f"{path}: cannot read prompts ({exc.strerror or exc})") from None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return [line.strip() for line in body.splitlines() if line.strip()]
+    prompts = doc.get("prompts") if isinstance(doc, dict) else doc
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise EvalError(f"{path}: expected a JSON list of strings (or {{\"prompts\": [...]}})")
+    return prompts
 
 
 @dataclass
 class InterpretSettings:
-    """Arguments passed to ``evaluate.interpret.run_interpretability`` per SAE."""
+    """Top-activating examples, judge scores and a dashboard per SAE (evaluate.interpret)."""
 
-    n_features: int = 32
-    top_n: int = 5
-    window: int = 8
-    seed: int = 0
-    judge: Any | None = None  # evaluate.interpret.JudgeConfig, or None for top examples + dashboard only
+    enabled: bool = setting(False, flag="interpret", help="Top-activating examples, LLM judge and dashboard per "
+                                                          "SAE.")
+    n_features: int = setting(32, help="Features sampled for the judge.")
+    top_n: int = setting(5, help="Top contexts per feature.")
+    window: int = setting(8, help="Context tokens either side of the max.")
+    seed: int = setting(0, flag="feature-seed", help="Seed of the feature sample.")
 
 
 @dataclass
 class InterventionSettings:
-    """Arguments passed to ``evaluate.intervention.run_intervention`` per SAE."""
+    """The special-token steering experiment per SAE (evaluate.intervention)."""
 
-    alphas: tuple[float, ...] = (0, 15, 25, 50)
-    n_features: int = 1
-    features: list[int] | None = None
-    positions: str = "all"
-    mode: str = "add"
-    max_new_tokens: int = 48
-    prompts: list[str] | None = None
-    judge: Any | None = None
+    enabled: bool = setting(False, flag="intervention", help="Steer generation with the SAE's special-token "
+                                                             "features and judge the replies.")
+    alphas: tuple[float, ...] = setting((0, 15, 25, 50), flag="alphas", help="Steering strengths.")
+    n_features: int = setting(1, help="Features to steer with (discovered on special tokens).")
+    features: list[int] | None = setting(None, help="Feature ids [default: discovered].")
+    positions: str = setting("all", choices=("all", "special"), help="Where to steer.")
+    mode: str = setting("add", choices=("add", "scale"), help="Add alpha x decoder direction, or scale the feature.")
+    max_new_tokens: int = setting(48, help="Reply length.")
+    prompts: list[str] | None = setting(None, flag="prompts-file", parse=read_prompts, metavar="FILE",
+                                        help="Intervention prompts: a JSON list or one per line "
+                                             "[default: the shipped prompts].")
 
 
 @dataclass
 class EvalConfig:
-    saes: list[Path]
-    caches: list[Path]  # the caches whose tokens the SAEs are scored on
-    out: Path
-    max_eval_tokens: int | None = 200_000
-    eval_sequences: tuple[int, int] | None = None
-    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    downstream: DownstreamConfig | None = field(default_factory=DownstreamConfig)  # None: skipped
-    model: str | None = None  # model for downstream/intervention (default: each cache's model_id)
-    interpret: InterpretSettings | None = None
-    intervention: InterventionSettings | None = None
-    device: str = "cpu"
-    plots: bool = True
+    """One evaluation: which SAEs, on which cache tokens, which parts; every field with help is also a
+    `pipeline.py evaluate` option (nested configs flattened: --downstream-*, --steer-*, --judge-*)."""
+
+    out: Path = setting(short="-o", help="Folder for report.json, report.md, plots/ and per-SAE outputs.")
+    saes: list[Path] = setting(default_factory=list, cli=False, help="--sae values (checkpoint or run folders).")
+    caches: list[Path] = setting(default_factory=list, cli=False, help="The caches whose tokens are scored.")
+    max_eval_tokens: int | None = setting(200_000, help="Token budget of the reconstruction metrics (whole "
+                                                        "sequences, in stream order; 0: no cap).")
+    eval_range: tuple[int, int] | None = setting(None, parse=parse_range, metavar="START:STOP",
+                                                 help="Use exactly these sequences of the eval cache (overrides "
+                                                      "the held-out rule).")
+    model: str | None = setting(None, help="Model for downstream/intervention [default: the cache's model_id].")
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:1 ...")
+    plots: bool = setting(True, help="Write PNG plots.")
+    progress: bool = setting(True, help="Show progress bars.")
+    reconstruction: ReconstructionConfig = setting(default_factory=ReconstructionConfig, prefix="",
+                                                   help="Reconstruction metrics.")
+    downstream: DownstreamConfig = setting(default_factory=DownstreamConfig, prefix="downstream-",
+                                           help="Downstream loss.")
+    interpret: InterpretSettings = setting(default_factory=InterpretSettings, prefix="", help="Interpretability.")
+    intervention: InterventionSettings = setting(default_factory=InterventionSettings, prefix="steer-",
+                                                 help="Special-token intervention.")
+    judge: JudgeConfig = setting(default_factory=JudgeConfig, prefix="judge-", help="The LLM judge.")
+
+    def __post_init__(self) -> None:
+        """One --device and --progress for every part; 0 tokens means no cap."""
+        if self.device == "auto":
+            import torch
+
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        for part in (self.reconstruction, self.downstream, self.judge):
+            part.device = self.device
+        self.reconstruction.progress = self.downstream.progress = self.progress
+        if not self.max_eval_tokens:
+            self.max_eval_tokens = None
+        if self.max_eval_tokens is not None and self.max_eval_tokens < 0:
+            raise EvalError("--max-eval-tokens must be >= 0 (0: no cap)")
+        for name, value in (("batch-tokens", self.reconstruction.batch_tokens),
+                            ("downstream-sequences", self.downstream.max_sequences),
+                            ("downstream-tokens", self.downstream.max_tokens),
+                            ("n-features", self.interpret.n_features), ("top-n", self.interpret.top_n)):
+            if value < 1:
+                raise EvalError(f"--{name} must be at least 1")
+
+    @property
+    def active_judge(self) -> JudgeConfig | None:
+        """The judge when it is to be asked (interpretability or intervention on, judge enabled)."""
+        used = self.interpret.enabled or self.intervention.enabled
+        return self.judge if self.judge.enabled and used else None
 
 
 def _cache_labels(caches: list[ActivationCache]) -> list[str]:
@@ -111,7 +172,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
             check_against_cache(e, cache)  # --model only changes what is loaded
     labels = _cache_labels(caches)
     models = dict(models or {})
-    if cfg.downstream is not None or cfg.intervention is not None:  # load now: a bad model id fails before any pass
+    if cfg.downstream.enabled or cfg.intervention.enabled:  # load now: a bad model id fails before any pass
         for model_id in dict.fromkeys(cfg.model or c.meta.model_id for c in caches):
             if model_id not in models:
                 models[model_id] = _load_model(model_id, cfg.device, log)
@@ -121,15 +182,12 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
             if hidden != cache.d_model:
                 raise EvalError(f"model {model_id!r} has d_model {hidden}, cache {cache.path} has {cache.d_model}")
     settings = {"saes": [str(p) for p in cfg.saes], "caches": [str(c.path) for c in caches],
-                "max_eval_tokens": cfg.max_eval_tokens, "eval_sequences": cfg.eval_sequences,
+                "max_eval_tokens": cfg.max_eval_tokens, "eval_range": cfg.eval_range,
                 "reconstruction": asdict(cfg.reconstruction),
-                "downstream": asdict(cfg.downstream) if cfg.downstream else None, "model": cfg.model,
-                "interpret": ({k: v for k, v in asdict(cfg.interpret).items() if k != "judge"}
-                              | {"judge": cfg.interpret.judge.describe() if cfg.interpret.judge else None})
-                if cfg.interpret else None,
-                "intervention": ({k: v for k, v in asdict(cfg.intervention).items() if k != "judge"}
-                                 | {"judge": cfg.intervention.judge.describe() if cfg.intervention.judge else None})
-                if cfg.intervention else None}
+                "downstream": asdict(cfg.downstream) if cfg.downstream.enabled else None, "model": cfg.model,
+                "interpret": asdict(cfg.interpret) if cfg.interpret.enabled else None,
+                "intervention": asdict(cfg.intervention) if cfg.intervention.enabled else None,
+                "judge": cfg.active_judge.describe() if cfg.active_judge else None}
     report = new_report(sys.argv, settings)
     rows: list[dict[str, Any]] = []
     rows_by_cache: dict[str, dict[str, dict[str, Any]]] = {}
@@ -137,7 +195,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     freq_dir.mkdir(parents=True, exist_ok=True)
 
     for cache, label in zip(caches, labels):
-        sel: EvalSelection = choose_eval_sequences(entries, cache, explicit=cfg.eval_sequences,
+        sel: EvalSelection = choose_eval_sequences(entries, cache, explicit=cfg.eval_range,
                                                    max_tokens=cfg.max_eval_tokens)
         report["warnings"] += sel.warnings
         report["caches"][str(cache.path)] = {"label": label, "model_id": cache.meta.model_id,
@@ -161,11 +219,11 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
                                       "eval_tokens": sel.n_tokens, "eval_sequences": int(len(sel.sequences)),
                                       "reconstruction": res.to_dict() | {"feature_frequency_file": str(freq_file)},
                                       "downstream": None, "interpretability": None, "intervention": None}
-        if cfg.downstream is not None:
+        if cfg.downstream.enabled:
             model_id = cfg.model or cache.meta.model_id
             model = models[model_id][0]
             down = evaluate_downstream(model, {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
-                                       DownstreamConfig(**{**asdict(cfg.downstream), "device": cfg.device}))
+                                       cfg.downstream)
             for name, res in down.items():
                 cache_rows[name]["downstream"] = res.to_dict() | {"model": model_id}
                 err = res.to_dict()["cache_match_rel_err"]
@@ -176,9 +234,9 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
         rows += [cache_rows[e.name] for e in entries]
         rows_by_cache[str(cache.path)] = cache_rows
 
-    if cfg.interpret is not None:
+    if cfg.interpret.enabled:
         _interpret(cfg, entries, caches[0], rows_by_cache[str(caches[0].path)], models, log)
-    if cfg.intervention is not None:
+    if cfg.intervention.enabled:
         # feature discovery needs special tokens: the first eval cache that has chat-template tokens
         chat = next((c for c in caches if c.meta.regime != "bt-p"), caches[0])
         _intervene(cfg, entries, chat, rows_by_cache[str(chat.path)], models, log)
@@ -197,16 +255,16 @@ def _interpret(cfg: EvalConfig, entries: list[SAEEntry], cache: ActivationCache,
     from .interpret import run_interpretability
 
     settings = cfg.interpret
-    assert settings is not None
     for e in entries:
         row = rows[e.name]
         log(f"interpretability: {row['row_id']}")
         judge_model = None
-        if settings.judge is not None and settings.judge.backend == "local":
-            judge_model = models.get(settings.judge.model)
+        judge = cfg.active_judge
+        if judge is not None and judge.backend == "local" and judge.model:
+            judge_model = models.get(judge.model)
         summary = run_interpretability(e.path, cache.path, cfg.out / "interpret" / _safe(row["row_id"]),
                                        n_features=settings.n_features, top_n=settings.top_n, window=settings.window,
-                                       judge=settings.judge, seed=settings.seed, judge_model=judge_model)
+                                       judge=judge, seed=settings.seed, judge_model=judge_model)
         row["interpretability"] = {k: v for k, v in summary.items() if k != "features"}
 
 
@@ -216,14 +274,13 @@ def _intervene(cfg: EvalConfig, entries: list[SAEEntry], cache: ActivationCache,
     from .intervention import run_intervention
 
     iv = cfg.intervention
-    assert iv is not None
     model_id = cfg.model or cache.meta.model_id
     for e in entries:
         row = rows[e.name]
         log(f"special-token intervention: {row['row_id']}")
         summary = run_intervention(e.path, cache.path, cfg.out / "intervention" / _safe(row["row_id"]),
                                    prompts=iv.prompts, alphas=iv.alphas, n_features=iv.n_features,
-                                   positions=iv.positions, max_new_tokens=iv.max_new_tokens, judge=iv.judge,
+                                   positions=iv.positions, max_new_tokens=iv.max_new_tokens, judge=cfg.active_judge,
                                    features=iv.features, mode=iv.mode, model_id=model_id, model=models.get(model_id))
         row["intervention"] = _intervention_brief(summary)
 

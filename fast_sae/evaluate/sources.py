@@ -220,12 +220,12 @@ class EvalSelection:
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    """'START:STOP' -> (START, STOP), for the --eval-sequences option."""
+    """'START:STOP' -> (START, STOP), for the --eval-range option."""
     try:
         a, b = text.split(":")
         return int(a), int(b)
     except ValueError:
-        raise EvalError(f"--eval-sequences {text!r}: expected START:STOP (sequence indices)") from None
+        raise EvalError(f"--eval-range {text!r}: expected START:STOP (sequence indices)") from None
 
 
 def choose_eval_sequences(entries: list[SAEEntry], cache: ActivationCache, *,
@@ -238,7 +238,7 @@ def choose_eval_sequences(entries: list[SAEEntry], cache: ActivationCache, *,
     if explicit is not None:
         a, b = explicit
         if not 0 <= a < b <= n_seq:
-            raise EvalError(f"--eval-sequences {a}:{b} outside the cache's {n_seq} sequences")
+            raise EvalError(f"--eval-range {a}:{b} outside the cache's {n_seq} sequences")
         mask[:] = False
         mask[a:b] = True
         note = f"sequences {a}:{b} as given"
@@ -264,7 +264,7 @@ def choose_eval_sequences(entries: list[SAEEntry], cache: ActivationCache, *,
                 mask &= m
             if not mask.any():
                 raise EvalError(f"{cache.path}: the held-out sequences of {', '.join(n for n, _ in held)} do not "
-                                f"overlap; evaluate them separately or pass --eval-sequences")
+                                f"overlap; evaluate them separately or pass --eval-range")
             note = f"held-out sequences common to {len(held)} SAE(s) trained on this cache"
         else:
             note = "all sequences of the cache (no SAE records held-out sequences of it)"

@@ -3,70 +3,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from fast_sae.actcache import REGIMES, ActivationCache, CacheError
-from fast_sae.lm import EMBEDDED_MODEL, ModelLoadError
+from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.lm import ModelLoadError
+from fast_sae.options import click_options, from_options
 
 from .data import DataError
 from .render import TemplateError
-from .streams import SEPARATORS, StreamError
+from .run import HarvestConfig
+from .streams import StreamError
 
 _USER_ERRORS = (CacheError, DataError, ModelLoadError, TemplateError, StreamError, ValueError)
 
 
-def _int_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated layer numbers, got {value!r}") from None
-
-
 @click.command()
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Cache folder to write (or resume).")
-@click.option("--model", default=EMBEDDED_MODEL, show_default=True, help="Hub id, local folder, or the embedded default.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
-@click.option("--regime", type=click.Choice(REGIMES), default="fast", show_default=True,
-              help="fast: one templated conversation per sequence; bt-f: templated chats packed into blocks; "
-                   "bt-p: plain text packed into blocks.")
-@click.option("--dataset", default=None, help="HF dataset name or local json/jsonl/parquet/csv path "
-              "[default: embedded:chatterbot-en, or embedded:python-docs for bt-p].")
-@click.option("--dataset-split", default="train", show_default=True)
-@click.option("--dataset-config", default=None)
-@click.option("--text-field", default="text", show_default=True, help="Text column for bt-p.")
-@click.option("--max-samples", type=int, default=None, help="Read at most this many samples.")
-@click.option("--max-tokens", type=int, default=200_000, show_default=True, help="Token budget of the cache.")
-@click.option("--context-size", type=int, default=1024, show_default=True,
-              help="FAST: truncation length; BT: block length.")
-@click.option("--layers", callback=_int_list, default="3,15", show_default=True,
-              help="Decoder blocks whose output (resid_post) is stored, 0-indexed.")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="Storage dtype of activations.")
-@click.option("--model-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Compute dtype (auto: bf16 on GPU, fp32 on CPU).")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--chunk-tokens", type=int, default=4096, show_default=True, help="Tokens per chunk file.")
-@click.option("--compression", type=click.Choice(["none", "zstd"]), default="none", show_default=True)
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per forward batch.")
-@click.option("--row-tokens", type=int, default=512, show_default=True,
-              help="Target length of a packed row of consecutive sequences.")
-@click.option("--system-prompt", default=None,
-              help="Add this system message to conversations without one (else the template's default applies).")
-@click.option("--doc-separator", type=click.Choice(SEPARATORS), default="none", show_default=True,
-              help="BT regimes: token inserted before each document.")
-@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="Forward engine (transformers). A vLLM engine is planned behind the same interface.")
-def harvest_cmd(out: Path, **kwargs: object) -> None:
+@click_options(HarvestConfig)
+def harvest_cmd(**params: Any) -> None:
     """Run the model over a dataset and write residual activations to a zarr cache (resumable)."""
-    from .run import HarvestConfig, run_harvest
+    from .run import run_harvest
 
-    if int(kwargs["chunk_tokens"]) <= 0 or int(kwargs["context_size"]) <= 0:  # type: ignore[arg-type]
+    cfg = from_options(HarvestConfig, params)
+    if cfg.chunk_tokens <= 0 or cfg.context_size <= 0:
         raise click.UsageError("--chunk-tokens and --context-size must be positive")
-    if not kwargs["layers"]:
+    if not cfg.layers:
         raise click.UsageError("--layers: give at least one layer")
     try:
-        summary = run_harvest(HarvestConfig(out=out, **kwargs))  # type: ignore[arg-type]
+        summary = run_harvest(cfg)
     except _USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(summary, indent=2))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,40 +10,51 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from fast_sae.actcache import CacheMeta, CacheWriter, TokenArrays
+from fast_sae.actcache import REGIMES, CacheMeta, CacheWriter, TokenArrays
 from fast_sae.lm import EMBEDDED_MODEL, load_model, load_tokenizer, model_info, resolve
+from fast_sae.options import setting
 
 from .batching import plan_batches
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
 from .engine import HFEngine
 from .render import template_info
-from .streams import block_stream, chat_pieces, fast_stream, text_pieces
+from .streams import SEPARATORS, block_stream, chat_pieces, fast_stream, text_pieces
 
 
 @dataclass
 class HarvestConfig:
-    out: Path
-    model: str = EMBEDDED_MODEL
-    revision: str | None = None
-    regime: str = "fast"
-    dataset: str | None = None  # default: embedded chat data (fast, bt-f) or embedded text (bt-p)
-    dataset_split: str = "train"
-    dataset_config: str | None = None
-    text_field: str = "text"
-    max_samples: int | None = None
-    max_tokens: int | None = 200_000
-    context_size: int = 1024
-    layers: list[int] = field(default_factory=lambda: [3, 15])
-    dtype: str = "float32"  # stored activations
-    model_dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
-    device: str = "auto"
-    chunk_tokens: int = 4096
-    compression: str = "none"
-    batch_tokens: int = 8192
-    row_tokens: int = 512  # target length of a packed row (a longer sequence gets its own row)
-    system_prompt: str | None = None
-    doc_separator: str = "none"
-    backend: str = "hf"
+    """Everything a harvest depends on; every field is also a `pipeline.py harvest` option."""
+
+    out: Path = setting(help="Cache folder to write (or resume).", short="-o")
+    model: str = setting(EMBEDDED_MODEL, help="Hub id, local folder, or the embedded default.")
+    revision: str | None = setting(None, help="Hub revision (branch, tag or commit).")
+    regime: str = setting("fast", choices=REGIMES,
+                          help="fast: one templated conversation per sequence; bt-f: templated chats packed "
+                               "into blocks; bt-p: plain text packed into blocks.")
+    dataset: str | None = setting(None, help="HF dataset name or local json/jsonl/parquet/csv path "
+                                             "[default: embedded:chatterbot-en, or embedded:python-docs for bt-p].")
+    dataset_split: str = setting("train", help="Split of a hub dataset.")
+    dataset_config: str | None = setting(None, help="Config (subset) of a hub dataset.")
+    text_field: str = setting("text", help="Text column for bt-p.")
+    max_samples: int | None = setting(None, help="Read at most this many samples.")
+    max_tokens: int | None = setting(200_000, help="Token budget of the cache.")
+    context_size: int = setting(1024, help="FAST: truncation length; BT: block length.")
+    layers: list[int] = setting(default_factory=lambda: [3, 15],
+                                help="Decoder blocks whose output (resid_post) is stored, 0-indexed.")
+    dtype: str = setting("float32", choices=("float32", "float16"), help="Storage dtype of activations.")
+    model_dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                               help="Compute dtype (auto: bf16 on GPU, fp32 on CPU).")
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:1 ...")
+    chunk_tokens: int = setting(4096, help="Tokens per chunk file.")
+    compression: str = setting("none", choices=("none", "zstd"), help="Chunk compression.")
+    batch_tokens: int = setting(8192, help="Tokens per forward batch.")
+    row_tokens: int = setting(512, help="Target length of a packed row of consecutive sequences "
+                                        "(a longer sequence gets its own row).")
+    system_prompt: str | None = setting(None, help="Add this system message to conversations without one "
+                                                   "(else the template's default applies).")
+    doc_separator: str = setting("none", choices=SEPARATORS, help="BT regimes: token inserted before each document.")
+    backend: str = setting("hf", choices=("hf",), help="Forward engine (hf: transformers).")
+    progress: bool = setting(True, help="Show a progress bar.")
 
     def resolved(self) -> HarvestConfig:
         cfg = HarvestConfig(**asdict(self))
@@ -61,6 +72,7 @@ class HarvestConfig:
         """Every argument that changes the cache's bytes; a resume must match all of them."""
         d = asdict(self)
         d.pop("out")
+        d.pop("progress")
         d["device"] = d["device"].split(":")[0]
         return d
 
@@ -115,7 +127,7 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
     t_fwd = time.perf_counter()
     try:
         with tqdm(total=meta.n_tokens, initial=resumed_from, unit="tok", unit_scale=True, desc="harvest",
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True, disable=not cfg.progress) as bar:
             for batch in batches:
                 writer.write(batch.start, engine.run(batch, stream.ids))
                 bar.update(batch.end - max(batch.start, bar.n))

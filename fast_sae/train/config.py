@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomllib
+
+from fast_sae.options import build, setting
 
 ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")
 ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
-# Paper defaults (fast-paper.md §3.3): L1 5 for standard, L0 0.01 for JumpReLU. TopK values follow
-# common practice (Gao et al. use k=32 at these widths).
-DEFAULT_SPARSITY = {"standard": [5.0], "jumprelu": [0.01], "topk": [32], "batchtopk": [32]}
+# The grid field holding each architecture's sparsity settings (L1 coefficient, L0 coefficient or k).
+SPARSITY_FIELD = {"standard": "l1_coefficients", "jumprelu": "l0_coefficients", "topk": "k", "batchtopk": "k"}
 
 
 class ConfigError(Exception):
@@ -32,40 +33,49 @@ class ConfigError(Exception):
 
 @dataclass
 class TrainConfig:
-    """Settings shared by every SAE in the run. Defaults follow fast-paper.md §3.3 where it has one."""
+    """Settings shared by every SAE in the run; every field is also a `pipeline.py train` option and a
+    ``[train]`` key of a run file. Defaults follow the FAST paper's training setup where it has one
+    (Adam 7e-5 -> 7e-6, warm-up/decay/sparsity warm-up 5% / 20% / 1/32 of the run)."""
 
-    tokens: int = 40_960_000  # training tokens per SAE (every SAE sees the same stream)
-    batch_size: int = 4096  # the paper uses 128; larger batches are far faster here (record what you use)
-    lr: float = 7e-5
-    lr_end: float = 7e-6
-    warmup_frac: float = 0.05  # 16k of 320k steps in the paper
-    decay_frac: float = 0.2  # final linear decay to 0: 64k of 320k steps in the paper
-    sparsity_warmup_frac: float = 1 / 32  # 10k of 320k steps in the paper
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 42
-    order: str = "mixing"
-    buffer_tokens: int = 1 << 17  # mixing buffer size; half of it is served per refill
-    eval_sequences: int = 0  # the last N sequences of the cache are held out (never trained on)
-    eval_max_tokens: int = 65536  # cap on held-out tokens scored at the end of the run
-    normalize: str = "content"  # scale so that E||x||^2 = d_model over content tokens / all tokens / not at all
-    b_dec_init: str = "geometric_median"
-    init_encoder_as_decoder_transpose: bool = True
-    l1_decoder_norm: bool = False  # standard SAE: weight L1 by decoder norms (Anthropic Apr 2024), no renorm
-    jumprelu_bandwidth: float = 0.001
-    jumprelu_init_threshold: float = 0.001
-    aux_k: int = 0  # TopK/BatchTopK AuxK latents; 0 = d_in // 2 (Gao et al.)
-    aux_k_coefficient: float = 1 / 32
-    batchtopk_threshold_lr: float = 0.01  # EMA rate of BatchTopK's inference threshold
-    dead_window_steps: int = 1000  # a feature is dead if it has not fired in this many steps
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    device: str = "cpu"
-    max_memory_gb: float | None = None  # override the detected memory budget (for the grid-fits check)
+    tokens: int = setting(40_960_000, help="Training tokens per SAE; every SAE sees the same stream (paper: 40,960,000).")
+    batch_tokens: int = setting(4096, help="Tokens per optimiser step (the paper uses 128; larger batches are far "
+                                           "faster here).")
+    lr: float = setting(7e-5, help="Adam learning rate (paper: 7e-5).")
+    lr_end: float = setting(7e-6, help="Learning rate at the end of the cosine phase (paper: 7e-6).")
+    warmup_frac: float = setting(0.05, help="Linear lr warm-up, as a fraction of the run (paper: 16k of 320k steps).")
+    decay_frac: float = setting(0.2, help="Final linear decay to 0, as a fraction of the run (paper: 64k of 320k).")
+    sparsity_warmup_frac: float = setting(1 / 32, help="Sparsity-coefficient warm-up, fraction of the run "
+                                                       "(paper: 10k of 320k).")
+    adam_beta1: float = setting(0.9, help="Adam beta1.")
+    adam_beta2: float = setting(0.999, help="Adam beta2.")
+    grad_clip: float = setting(1.0, help="Gradient-norm clipping per SAE.")
+    seed: int = setting(42, help="Seed for init and data order (paper: 42).")
+    order: str = setting("mixing", choices=ORDERS, help="Data order: mixing (FAST's mixing buffer), sequential, or "
+                                                        "random.")
+    buffer_tokens: int = setting(1 << 17, help="Mixing buffer size in tokens; half of it is served per refill.")
+    eval_sequences: int = setting(0, help="Hold out the cache's last N sequences (never trained on) for evaluation.")
+    eval_max_tokens: int = setting(65536, help="Cap on held-out tokens scored at the end of the run.")
+    normalize: str = setting("content", choices=NORMALIZATIONS,
+                             help="Scale activations so E||x||^2 = d_model over content tokens, or all tokens, or "
+                                  "not at all (weights are saved folded either way).")
+    b_dec_init: str = setting("geometric_median", choices=B_DEC_INITS, help="Decoder bias init (paper: geometric "
+                                                                            "median).")
+    init_encoder_as_decoder_transpose: bool = setting(True, help="Initialise W_enc as W_dec transposed.")
+    l1_decoder_norm: bool = setting(False, help="Standard SAE: decoder-norm-weighted L1 (Anthropic, Apr 2024) "
+                                                "instead of a unit-norm decoder.")
+    jumprelu_bandwidth: float = setting(0.001, help="JumpReLU straight-through bandwidth (paper: 0.001).")
+    jumprelu_init_threshold: float = setting(0.001, help="JumpReLU initial threshold (paper: 0.001).")
+    aux_k: int = setting(0, help="TopK/BatchTopK AuxK latents; 0 = d_in / 2 (Gao et al.).")
+    aux_k_coefficient: float = setting(1 / 32, help="AuxK loss coefficient (Gao et al.: 1/32).")
+    batchtopk_threshold_lr: float = setting(0.01, help="EMA rate of BatchTopK's inference threshold.")
+    dead_window_steps: int = setting(1000, help="A feature is dead if it has not fired in this many steps.")
+    log_every: int = setting(100, help="Steps between metrics.jsonl lines.")
+    checkpoint_every: int = setting(1000, help="Steps between resumable checkpoints.")
+    device: str = setting("auto", help="auto, cpu or cuda (under torchrun each process uses cuda:LOCAL_RANK).")
+    max_memory_gb: float | None = setting(None, help="Memory budget for the grid-fits check [default: what is free].")
 
     def steps(self) -> int:
-        return max(1, self.tokens // self.batch_size)
+        return max(1, self.tokens // self.batch_tokens)
 
     def validate(self) -> None:
         if self.order not in ORDERS:
@@ -74,20 +84,22 @@ class TrainConfig:
             raise ConfigError(f"normalize {self.normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init {self.b_dec_init!r}: expected one of {', '.join(B_DEC_INITS)}")
-        for name in ("tokens", "batch_size", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_steps"):
+        for name in ("tokens", "batch_tokens", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.tokens < self.batch_size:
-            raise ConfigError(f"tokens ({self.tokens}) is smaller than one batch ({self.batch_size})")
+        if self.tokens < self.batch_tokens:
+            raise ConfigError(f"tokens ({self.tokens}) is smaller than one batch ({self.batch_tokens})")
         if self.eval_sequences < 0:
             raise ConfigError(f"eval_sequences must be >= 0, got {self.eval_sequences}")
-        if self.device.startswith("cuda"):
-            import torch
+        import torch
 
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ConfigError(f"device {self.device!r} requested but CUDA is not available here; use --device cpu")
         elif self.device != "cpu":
-            raise ConfigError(f"device {self.device!r}: expected cpu, cuda or cuda:N")
+            raise ConfigError(f"device {self.device!r}: expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -119,10 +131,22 @@ class SAESpec:
 
 @dataclass
 class GridConfig:
-    layers: list[int]
-    architectures: list[str]
-    expansion_factors: list[int]
-    sparsity: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_SPARSITY.items()})
+    """The SAEs of a run: every layer x architecture x width x sparsity setting; every field is also a
+    `pipeline.py train` option and a ``[grid]`` key of a run file."""
+
+    layers: list[int] = setting(default_factory=list, help="Cached layers to train on [default: every cached layer].")
+    architectures: list[str] = setting(default_factory=lambda: ["standard"],
+                                       help=f"SAE architectures, from {', '.join(ARCHITECTURES)}.")
+    expansion_factors: list[int] = setting(default_factory=lambda: [8], help="Widths as d_sae / d_model.")
+    l1_coefficients: list[float] = setting(default_factory=lambda: [5.0], help="Standard SAE L1 coefficients "
+                                                                              "(paper: 5).")
+    l0_coefficients: list[float] = setting(default_factory=lambda: [0.01], help="JumpReLU L0 coefficients "
+                                                                               "(paper: 0.01).")
+    k: list[int] = setting(default_factory=lambda: [32], help="k of TopK and BatchTopK SAEs (Gao et al.: 32).")
+
+    def sparsity(self, architecture: str) -> list[float]:
+        """The sparsity settings of an architecture: L1 or L0 coefficients, or k."""
+        return [float(v) for v in getattr(self, SPARSITY_FIELD[architecture])]
 
     def specs(self) -> list[SAESpec]:
         """Every SAE of the grid, in a fixed order (layer, architecture, width, sparsity)."""
@@ -132,7 +156,7 @@ class GridConfig:
                 raise ConfigError(f"architecture {arch!r}: expected one of {', '.join(ARCHITECTURES)}")
         for layer in sorted(set(self.layers)):
             for arch in self.architectures:
-                values = self.sparsity.get(arch) or DEFAULT_SPARSITY[arch]
+                values = self.sparsity(arch)
                 for ef in sorted(set(self.expansion_factors)):
                     if ef <= 0:
                         raise ConfigError(f"expansion factor must be positive, got {ef}")
@@ -176,31 +200,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     for key in doc.get("train") or {}:
         if key not in train_fields:
             raise ConfigError(f"{path}: unknown [train] field {key!r}")
+    grid_fields = {f.name for f in dataclasses.fields(GridConfig)}
     for key in doc.get("grid") or {}:
-        if key not in ("layers", "architectures", "expansion_factors", "sparsity"):
+        if key == "sparsity":
+            raise ConfigError(f"{path}: [grid.sparsity] is now three [grid] lists: l1_coefficients (standard), "
+                              f"l0_coefficients (jumprelu), k (topk, batchtopk)")
+        if key not in grid_fields:
             raise ConfigError(f"{path}: unknown [grid] field {key!r}")
     return doc
 
 
 def build_config(file_doc: dict[str, Any], train_overrides: dict[str, Any],
-                 grid_overrides: dict[str, Any], cache_layers: list[int]) -> tuple[TrainConfig, GridConfig]:
-    """Merge the config file with command-line values (the command line wins)."""
-    train_values = dict(file_doc.get("train") or {})
-    train_values.update({k: v for k, v in train_overrides.items() if v is not None})
-    cfg = TrainConfig(**train_values)
+                 grid_overrides: dict[str, Any], cache_layers: list[int],
+                 where: str = "config") -> tuple[TrainConfig, GridConfig]:
+    """Merge a run file's sections with command-line values (the command line wins); an empty layer
+    list means every cached layer."""
+    try:
+        cfg = build(TrainConfig, {**(file_doc.get("train") or {}), **train_overrides}, where=f"{where} [train]")
+        grid = build(GridConfig, {**(file_doc.get("grid") or {}), **grid_overrides}, where=f"{where} [grid]")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     cfg.validate()
-    g = dict(file_doc.get("grid") or {})
-    sparsity = {k: list(v) for k, v in DEFAULT_SPARSITY.items()}
-    for arch, values in (g.get("sparsity") or {}).items():
-        if arch not in ARCHITECTURES:
-            raise ConfigError(f"[grid.sparsity]: unknown architecture {arch!r}")
-        sparsity[arch] = [float(v) for v in (values if isinstance(values, list) else [values])]
-    for arch, values in (grid_overrides.get("sparsity") or {}).items():
-        if values:
-            sparsity[arch] = [float(v) for v in values]
-    layers = grid_overrides.get("layers") or g.get("layers") or cache_layers
-    archs = grid_overrides.get("architectures") or g.get("architectures") or ["standard"]
-    efs = grid_overrides.get("expansion_factors") or g.get("expansion_factors") or [8]
-    grid = GridConfig(layers=[int(x) for x in layers], architectures=[str(a) for a in archs],
-                      expansion_factors=[int(e) for e in efs], sparsity=sparsity)
+    if not grid.layers:
+        grid.layers = list(cache_layers)
     return cfg, grid

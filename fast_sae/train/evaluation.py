@@ -43,12 +43,12 @@ def evaluate_groups(cache: ActivationCache, split: DataSplit, groups: dict[str, 
             sse_special = torch.zeros_like(sse)
             l0 = torch.zeros_like(sse)
             fired = torch.zeros(g.n, g.d_sae, dtype=torch.bool, device=cfg.device)
-            for start in range(0, len(x_all), cfg.batch_size):
-                x = x_all[start:start + cfg.batch_size]
+            for start in range(0, len(x_all), cfg.batch_tokens):
+                x = x_all[start:start + cfg.batch_tokens]
                 f = g.encode_inference(x)
                 err = (g.decode(f) - x.unsqueeze(0)).pow(2).sum(-1).to(torch.float64)  # [n, b]
                 sse += err.sum(1)
-                sse_special += (err * mask_all[start:start + cfg.batch_size]).sum(1)
+                sse_special += (err * mask_all[start:start + cfg.batch_tokens]).sum(1)
                 active = f > 0
                 l0 += active.sum(dim=(1, 2)).to(torch.float64)
                 fired |= active.any(dim=1)

@@ -53,7 +53,7 @@ def host_available_bytes() -> int:
 
 
 def estimate(specs: list[SAESpec], d_in: int, n_layers: int, cfg: TrainConfig) -> MemoryEstimate:
-    b = cfg.batch_size
+    b = cfg.batch_tokens
     state = acts = 0
     for s in specs:
         d_sae = s.d_sae(d_in)

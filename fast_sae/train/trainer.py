@@ -109,8 +109,8 @@ class Trainer:
                 raise CacheError(f"{self.cache.path}: layer {layer} not in cache (layers: {self.cache.meta.layers})")
         self.d_in = self.cache.meta.d_model
         self.split = DataSplit.from_cache(self.cache, cfg.eval_sequences)
-        if self.split.train_tokens < cfg.batch_size:
-            raise RunError(f"only {self.split.train_tokens} training tokens, fewer than one batch ({cfg.batch_size})")
+        if self.split.train_tokens < cfg.batch_tokens:
+            raise RunError(f"only {self.split.train_tokens} training tokens, fewer than one batch ({cfg.batch_tokens})")
         self.total_steps = cfg.steps()
         self.dist: Dist = Dist()
 
@@ -124,7 +124,7 @@ class Trainer:
     def _build_groups(self, specs: list[SAESpec], scales: dict[int, float], stream: TokenStream,
                       resuming: bool) -> dict[str, SAEGroup]:
         b_dec: dict[int, torch.Tensor] = {}
-        half = mixing_half(self.cfg.buffer_tokens, self.cfg.batch_size)
+        half = mixing_half(self.cfg.buffer_tokens, self.cfg.batch_tokens)
         n_sample = min(half, self.split.train_tokens, B_DEC_SAMPLE_TOKENS)
         for layer in sorted({s.layer for s in specs}):
             if resuming:  # overwritten by the checkpoint
@@ -184,7 +184,7 @@ class Trainer:
             where = f" on process {bad[0]}" if d.active else ""
             raise RunError(f"grid does not fit in memory{where}: estimated {bad[1] / 2**30:.2f} GiB, "
                            f"{bad[2] / 2**30:.2f} GiB available; train fewer or narrower SAEs, lower "
-                           f"--batch-size/--buffer-tokens, or spread the grid over more processes")
+                           f"--batch-tokens/--buffer-tokens, or spread the grid over more processes")
         if d.main:
             tmp = self.run_dir / f"{RUN_CONFIG}.tmp-{os.getpid()}"
             tmp.write_text(json.dumps(run_cfg, indent=2))
@@ -236,7 +236,7 @@ class Trainer:
     def _loop(self, groups: dict[str, SAEGroup], optims: dict[str, torch.optim.Optimizer], stream: TokenStream,
               scales: dict[int, float], start: int, ckpt: Checkpointer, stop_after: int | None) -> int:
         cfg, d, total = self.cfg, self.dist, self.total_steps
-        b = cfg.batch_size
+        b = cfg.batch_tokens
         by_layer: dict[int, list[str]] = {}
         for k, g in groups.items():
             by_layer.setdefault(g.specs[0].layer, []).append(k)
@@ -293,7 +293,7 @@ class Trainer:
             for spec, m in zip(g.specs, g.take_window_metrics()):
                 s2 = scales[spec.layer] ** 2
                 coef = None if spec.architecture in ("topk", "batchtopk") else spec.sparsity * sparsity
-                lines.append({"step": done, "tokens": done * self.cfg.batch_size, "split": "train", "sae": spec.name,
+                lines.append({"step": done, "tokens": done * self.cfg.batch_tokens, "split": "train", "sae": spec.name,
                               "layer": spec.layer, "architecture": spec.architecture,
                               "mse": m["mse_normalized"] / s2, "mse_normalized": m["mse_normalized"],
                               "explained_variance": m["explained_variance"], "l0": m["l0"],
@@ -327,7 +327,7 @@ class Trainer:
                 r.setdefault("train_explained_variance", last_train.get(r["sae"], {}).get("explained_variance"))
             tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
             tmp.write_text(json.dumps({"status": "finished", "steps": self.total_steps,
-                                       "tokens": self.total_steps * self.cfg.batch_size, "saes": result_rows},
+                                       "tokens": self.total_steps * self.cfg.batch_tokens, "saes": result_rows},
                                       indent=2))
             os.replace(tmp, self.run_dir / SUMMARY)
             self.echo(format_table(result_rows))
@@ -360,8 +360,8 @@ class Trainer:
             "activation_normalization_factor": scale,
             "training_normalization": normalization_method_used(self.cache, spec.layer, cfg.normalize),
             "weights_folded": True,
-            "regime": m.regime, "training_regime": m.regime, "training_tokens": self.total_steps * cfg.batch_size,
-            "train_batch_size_tokens": cfg.batch_size, "lr": cfg.lr, "lr_end": cfg.lr_end,
+            "regime": m.regime, "training_regime": m.regime, "training_tokens": self.total_steps * cfg.batch_tokens,
+            "train_batch_size_tokens": cfg.batch_tokens, "lr": cfg.lr, "lr_end": cfg.lr_end,
             "lr_warm_up_steps": int(cfg.warmup_frac * self.total_steps),
             "lr_decay_steps": int(cfg.decay_frac * self.total_steps),
             "sparsity_warm_up_steps": int(cfg.sparsity_warmup_frac * self.total_steps),
@@ -373,8 +373,8 @@ class Trainer:
             "train_token_range": [0, self.split.train_tokens],
             "eval_token_range": list(self.split.eval_range),
             "eval_sequence_range": [self.split.eval_first_sequence, self.split.n_sequences],
-            "buffer_tokens_effective": 2 * min(mixing_half(cfg.buffer_tokens, cfg.batch_size),
-                                               mixing_half(self.split.train_tokens, cfg.batch_size)),
+            "buffer_tokens_effective": 2 * min(mixing_half(cfg.buffer_tokens, cfg.batch_tokens),
+                                               mixing_half(self.split.train_tokens, cfg.batch_tokens)),
             "sae_name": spec.name, "trainer": "fast-sae train",
             # Further SAELens 5.x config fields, so its loaders find what they expect.
             "finetuning_scaling_factor": False, "dataset_trust_remote_code": False,

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fast_sae.actcache import ActivationCache
 from fast_sae.evaluate.cli import compare_cmd, evaluate_cmd
+from fast_sae.evaluate.downstream import DownstreamConfig
 from fast_sae.evaluate.runner import EvalConfig, InterventionSettings, run_evaluation
 
 from .helpers import save_identity_sae, save_pca_sae
@@ -81,7 +82,7 @@ def test_missing_sae_is_one_line_error(tmp_path, fast_cache):
     ("d_model", "does not match d_model 576"),
     ("cache", "no such cache folder"),
     ("not_sae", "not a folder"),
-    ("range", "--eval-sequences"),
+    ("range", "--eval-range"),
     ("no_cache", "no cache"),
     ("no_model", "--no-downstream"),
 ])
@@ -99,7 +100,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, fast_cache, case, message):
     if case != "no_cache":
         args += ["--cache", str(cache)]
     if case == "range":
-        args += ["--eval-sequences", "5-9"]
+        args += ["--eval-range", "5-9"]
     result = CliRunner().invoke(evaluate_cmd, args)
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
@@ -118,8 +119,8 @@ def test_intervention_is_wired_into_the_report(tmp_path, runs, fast_cache, embed
     run_fast, _ = runs
     model_id = ActivationCache.open(fast_cache).meta.model_id
     report = run_evaluation(EvalConfig(
-        saes=[run_fast], caches=[fast_cache], out=tmp_path / "o", downstream=None, max_eval_tokens=500,
-        intervention=InterventionSettings(alphas=(0, 50), max_new_tokens=3, prompts=["Say hello."])),
+        saes=[run_fast], caches=[fast_cache], out=tmp_path / "o", downstream=DownstreamConfig(enabled=False), progress=False, max_eval_tokens=500,
+        intervention=InterventionSettings(enabled=True, alphas=(0, 50), max_new_tokens=3, prompts=["Say hello."])),
         log=lambda _m: None, models={model_id: embedded_model})
     iv = report["rows"][0]["intervention"]
     assert [r["alpha"] for r in iv["rows"]] == [0.0, 50.0]

@@ -8,6 +8,7 @@ import pytest
 
 from fast_sae.actcache import Role
 from fast_sae.evaluate.compare import run_compare
+from fast_sae.evaluate.downstream import DownstreamConfig
 from fast_sae.evaluate.errors import EvalError
 from fast_sae.evaluate.reconstruction import ReconstructionConfig
 from fast_sae.evaluate.report import fmt, markdown_table, read_report
@@ -30,8 +31,8 @@ def evaluated(tmp_path_factory):
     save_constant_sae(tmp / "btp_run" / "mean", d, 3, x.mean(0), regime="bt-p", model_name="m")
     out = tmp / "eval"
     report = run_evaluation(EvalConfig(saes=[tmp / "fast_run", tmp / "btp_run"], caches=[cache], out=out,
-                                       reconstruction=ReconstructionConfig(batch_tokens=7, progress=False),
-                                       downstream=None), log=lambda _m: None)
+                                       reconstruction=ReconstructionConfig(batch_tokens=7),
+                                       downstream=DownstreamConfig(enabled=False), progress=False), log=lambda _m: None)
     return report, out
 
 
@@ -129,7 +130,7 @@ def test_every_sae_on_every_eval_cache(tmp_path):
     save_pca_sae(tmp_path / "runs" / "a", text, 1, 2, regime="bt-p", model_name="m", cache_path=str(btp),
                  eval_sequence_range=[1, 2])
     report = run_evaluation(EvalConfig(saes=[tmp_path / "runs"], caches=[fast, btp], out=tmp_path / "o",
-                                       reconstruction=ReconstructionConfig(progress=False), downstream=None),
+                                       downstream=DownstreamConfig(enabled=False), progress=False),
                             log=lambda _m: None)
     assert [r["row_id"] for r in report["rows"]] == ["a@fast", "a@bt-p"]
     on_fast, on_btp = report["rows"]

@@ -15,7 +15,7 @@ from fast_sae.saeio import load_sae
 from fast_sae.train.cli import train_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--tokens", "3000", "--batch-size", "100", "--buffer-tokens", "1000", "--eval-sequences", "10",
+SMALL = ["--tokens", "3000", "--batch-tokens", "100", "--buffer-tokens", "1000", "--eval-sequences", "10",
          "--no-progress", "--expansion-factors", "2"]
 
 
@@ -77,6 +77,12 @@ def test_bad_config_file(small_cache, tmp_path):
     cfg.write_text("[train]\nlearning_rate = 3\n")
     _assert_one_line_error(_invoke([small_cache, "--out", tmp_path / "run", "--config", cfg]),
                            "unknown [train] field 'learning_rate'")
+    cfg.write_text('[train]\ntokens = "many"\n[grid]\nk = [32, 1.5]\n')
+    _assert_one_line_error(_invoke([small_cache, "--out", tmp_path / "run", "--config", cfg]),
+                           "grid.toml [train]: tokens: expected an integer, got 'many'")
+    cfg.write_text('[grid.sparsity]\nstandard = [1.0]\n')
+    _assert_one_line_error(_invoke([small_cache, "--out", tmp_path / "run", "--config", cfg]),
+                           "[grid.sparsity] is now three [grid] lists")
     _assert_one_line_error(_invoke([small_cache, "--out", tmp_path / "run", "--architectures", "gated", *SMALL]),
                            "architecture 'gated'")
     _assert_one_line_error(_invoke([small_cache, "--out", tmp_path / "run", "--device", "tpu", *SMALL]),
@@ -87,9 +93,9 @@ def test_bad_config_file(small_cache, tmp_path):
 
 def test_yaml_config_with_command_line_override(small_cache, tmp_path):
     cfg = tmp_path / "grid.yaml"
-    cfg.write_text("train:\n  tokens: 2000\n  batch_size: 100\n  buffer_tokens: 1000\n  eval_sequences: 5\n"
+    cfg.write_text("train:\n  tokens: 2000\n  batch_tokens: 100\n  buffer_tokens: 1000\n  eval_sequences: 5\n"
                    "  lr: 0.001\ngrid:\n  layers: [7]\n  architectures: [topk, standard]\n"
-                   "  expansion_factors: [2]\n  sparsity:\n    topk: [4, 8]\n    standard: 1.0\n")
+                   "  expansion_factors: [2]\n  k: [4, 8]\n  l1_coefficients: 1.0\n")
     result = _invoke([small_cache, "--out", tmp_path / "run", "--config", cfg, "--tokens", "1000", "--no-progress"])
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "run").iterdir() if (p / "cfg.json").is_file())
@@ -101,7 +107,7 @@ def test_yaml_config_with_command_line_override(small_cache, tmp_path):
 def test_real_cache_every_architecture_reduces_mse(fast_cache, tmp_path):
     result = _invoke([fast_cache, "--out", tmp_path / "run", "--layers", "5", "--architectures",
                       "standard,jumprelu,topk,batchtopk", "--expansion-factors", "1", "--tokens", "12800",
-                      "--batch-size", "128", "--buffer-tokens", "1024", "--eval-sequences", "2", "--lr", "1e-3",
+                      "--batch-tokens", "128", "--buffer-tokens", "1024", "--eval-sequences", "2", "--lr", "1e-3",
                       "--lr-end", "1e-4", "--l1-coefficients", "0.05", "--l0-coefficients", "0.05", "--k", "32",
                       "--log-every", "10", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -116,9 +122,9 @@ def test_real_cache_every_architecture_reduces_mse(fast_cache, tmp_path):
 
 def test_pipeline_train_subprocess(fast_cache, tmp_path):
     cfg = tmp_path / "grid.toml"
-    cfg.write_text('[train]\ntokens = 2560\nbatch_size = 128\nbuffer_tokens = 1024\neval_sequences = 2\n'
+    cfg.write_text('[train]\ntokens = 2560\nbatch_tokens = 128\nbuffer_tokens = 1024\neval_sequences = 2\n'
                    '[grid]\nlayers = [2, 5]\narchitectures = ["standard", "topk"]\nexpansion_factors = [1]\n'
-                   '[grid.sparsity]\ntopk = [16]\nstandard = [1.0]\n')
+                   'k = [16]\nl1_coefficients = [1.0]\n')
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "pipeline.py", "train", str(fast_cache), "--out", str(tmp_path / "run"),
                            "--config", str(cfg), "--no-progress"], cwd=ROOT, env=env, capture_output=True,
@@ -137,7 +143,7 @@ def test_pipeline_train_subprocess(fast_cache, tmp_path):
 
 def test_block_training_cache_trains_and_records_its_regime(btp_cache, tmp_path):
     result = _invoke([btp_cache, "--out", tmp_path / "run", "--layers", "2", "--architectures", "topk",
-                      "--expansion-factors", "1", "--k", "16", "--tokens", "2560", "--batch-size", "128",
+                      "--expansion-factors", "1", "--k", "16", "--tokens", "2560", "--batch-tokens", "128",
                       "--buffer-tokens", "512", "--eval-sequences", "2", "--lr", "1e-3", "--no-progress"])
     assert result.exit_code == 0, result.output
     sae = load_sae(tmp_path / "run" / "L2_topk_x1_k16")

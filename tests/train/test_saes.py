@@ -22,10 +22,10 @@ def mean_max_cosine(dictionary: np.ndarray, w_dec: np.ndarray) -> float:
 
 def test_every_architecture_recovers_a_synthetic_dictionary(synthetic_cache, tmp_path):
     cache, dictionary = synthetic_cache
-    cfg = TrainConfig(tokens=256_000, batch_size=256, lr=3e-3, lr_end=3e-4, eval_sequences=20, buffer_tokens=8192,
+    cfg = TrainConfig(tokens=256_000, batch_tokens=256, lr=3e-3, lr_end=3e-4, eval_sequences=20, buffer_tokens=8192,
                       log_every=250, jumprelu_bandwidth=0.2, jumprelu_init_threshold=0.3, dead_window_steps=100)
     grid = GridConfig(layers=[0], architectures=["standard", "jumprelu", "topk", "batchtopk"], expansion_factors=[2],
-                      sparsity={"standard": [0.3], "jumprelu": [10.0], "topk": [3], "batchtopk": [3]})
+                      l1_coefficients=[0.3], l0_coefficients=[10.0], k=[3])
     result = Trainer(cache, tmp_path / "run", cfg, grid, echo=lambda s: None, progress=False).run()
     assert result.status == "finished"
     rows = {r["sae"]: r for r in result.rows}

@@ -31,7 +31,7 @@ def test_sparsity_warmup():
 
 
 def test_memory_estimate_grows_with_the_grid():
-    cfg = TrainConfig(batch_size=4096)
+    cfg = TrainConfig(batch_tokens=4096)
     one = estimate([SAESpec(0, "standard", 8, 5.0)], 576, 1, cfg)
     four = estimate([SAESpec(0, "standard", 8, s) for s in (1.0, 2.0, 3.0, 4.0)], 576, 1, cfg)
     assert four.sae_state == 4 * one.sae_state

@@ -14,14 +14,14 @@ import torch
 from safetensors.torch import load_file
 
 from fast_sae.saeio import load_sae
-from fast_sae.train.config import GridConfig, TrainConfig
+from fast_sae.train.config import SPARSITY_FIELD, GridConfig, TrainConfig
 from fast_sae.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = dict(tokens=12_000, batch_size=100, lr=1e-3, lr_end=1e-4, eval_sequences=10, buffer_tokens=1000,
+    base = dict(tokens=12_000, batch_tokens=100, lr=1e-3, lr_end=1e-4, eval_sequences=10, buffer_tokens=1000,
                 log_every=20, checkpoint_every=1000, jumprelu_bandwidth=0.1, jumprelu_init_threshold=0.1,
                 dead_window_steps=10)
     base.update(kw)
@@ -43,16 +43,16 @@ def _run(cache, out, cfg, grid, stop=None):
     return Trainer(cache, out, cfg, grid, echo=lambda s: None, progress=False).run(stop_after_steps=stop)
 
 
-SPARSITY = {"standard": [0.5, 2.0], "jumprelu": [0.1, 0.3], "topk": [3, 6], "batchtopk": [3, 6]}
+SPARSITY = {"l1_coefficients": [0.5, 2.0], "l0_coefficients": [0.1, 0.3], "k": [3, 6]}
 
 
 def test_grid_gives_the_same_weights_as_each_sae_alone(small_cache, tmp_path):
     cfg = _cfg()
     grid = GridConfig(layers=[3, 7], architectures=["standard", "jumprelu", "topk", "batchtopk"],
-                      expansion_factors=[2], sparsity=SPARSITY)
+                      expansion_factors=[2], **SPARSITY)
     _run(small_cache, tmp_path / "grid", cfg, grid)
     for layer, arch, s in ((7, "standard", 2.0), (3, "jumprelu", 0.3), (3, "topk", 6), (7, "batchtopk", 3)):
-        alone = GridConfig(layers=[layer], architectures=[arch], expansion_factors=[2], sparsity={arch: [s]})
+        alone = GridConfig(layers=[layer], architectures=[arch], expansion_factors=[2], **{SPARSITY_FIELD[arch]: [s]})
         _run(small_cache, tmp_path / f"alone_{arch}", cfg, alone)
         name = alone.specs()[0].name
         _assert_same_weights(tmp_path / "grid" / name, tmp_path / f"alone_{arch}" / name)
@@ -61,7 +61,7 @@ def test_grid_gives_the_same_weights_as_each_sae_alone(small_cache, tmp_path):
 def test_outputs_metrics_and_config(small_cache, tmp_path):
     cfg = _cfg(order="random")
     grid = GridConfig(layers=[3], architectures=["standard", "topk"], expansion_factors=[2],
-                      sparsity={"standard": [0.5], "topk": [4]})
+                      l1_coefficients=[0.5], k=[4])
     res = _run(small_cache, tmp_path / "run", cfg, grid)
     assert res.status == "finished"
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -90,7 +90,7 @@ def test_outputs_metrics_and_config(small_cache, tmp_path):
 def test_stop_and_resume_is_bit_exact(small_cache, tmp_path, order):
     cfg = _cfg(order=order, checkpoint_every=7)
     grid = GridConfig(layers=[3, 7], architectures=["jumprelu", "batchtopk"], expansion_factors=[2],
-                      sparsity=SPARSITY)
+                      **SPARSITY)
     _run(small_cache, tmp_path / "straight", cfg, grid)
     first = _run(small_cache, tmp_path / "resumed", cfg, grid, stop=33)  # mid-cycle of the mixing buffer
     assert first.status == "stopped" and first.step == 33
@@ -108,7 +108,7 @@ def test_killed_process_resumes_to_identical_weights(small_cache, tmp_path):
     """A real subprocess killed with SIGKILL mid-run, then the same command again."""
     args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from fast_sae.train.cli import train_cmd; "
             "train_cmd(sys.argv[1:])", str(small_cache), "--layers", "3", "--architectures", "standard,topk",
-            "--expansion-factors", "4", "--tokens", "60000", "--batch-size", "100", "--buffer-tokens", "1000",
+            "--expansion-factors", "4", "--tokens", "60000", "--batch-tokens", "100", "--buffer-tokens", "1000",
             "--eval-sequences", "10", "--checkpoint-every", "15", "--log-every", "50", "--lr", "1e-3",
             "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fast_sae.lm import EMBEDDED_MODEL
+from fast_sae.options import setting
 
 from ..errors import EvalError
 
@@ -32,27 +33,39 @@ class JudgeConfig:
         later attempts sample at ``retry_temperature`` so a deterministic judge can change its mind).
     cache_dir: where replies are cached (None: ``<out_dir>/judge_cache``).
     timeout_s: HTTP timeout per request ("openai").
+    enabled: whether the evaluation asks the judge at all (the settings stay in the report either way).
     constrained: "local" only: build the reply in the prompt's answer format (most likely score,
         generated name) instead of hoping a small model writes the verdict line; see LocalBackend.
     """
 
-    backend: str = "local"
-    model: str = EMBEDDED_MODEL
-    base_url: str | None = None
-    api_key_env: str | None = "OPENAI_API_KEY"
-    max_new_tokens: int = 64
-    retries: int = 2
-    cache_dir: Path | None = None
-    timeout_s: float = 120.0
-    retry_temperature: float = 0.7
-    device: str = "cpu"
-    constrained: bool = True
+    enabled: bool = setting(True, flag="judge", help="Ask the LLM judge (with --interpret / --intervention); "
+                                                    "off: examples and dashboard only.")
+    backend: str = setting("local", choices=BACKENDS, help="local: a transformers model; openai: an "
+                                                           "OpenAI-compatible endpoint.")
+    model: str | None = setting(None, help="Judge model [default: the embedded instruct model for local; "
+                                           "required for openai].")
+    base_url: str | None = setting(None, flag="judge-url", help="OpenAI-compatible endpoint, e.g. "
+                                                                "http://127.0.0.1:8000/v1.")
+    api_key_env: str | None = setting("OPENAI_API_KEY", help="Environment variable holding the judge API key.")
+    max_new_tokens: int = setting(64, help="Reply length budget per judge call.")
+    retries: int = setting(2, help="Extra attempts after a malformed reply or a failed call.")
+    cache_dir: Path | None = setting(None, flag="judge-cache", help="Folder of cached judge replies "
+                                                                    "[default: per SAE under --out].")
+    timeout_s: float = setting(120.0, flag="judge-timeout", help="Seconds allowed per judge request (openai).")
+    retry_temperature: float = setting(0.7, cli=False, help="Sampling temperature of retries.")
+    device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
+    constrained: bool = setting(True, cli=False, help="local: build the reply in the prompt's answer format.")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise EvalError(f"judge backend {self.backend!r}: expected one of {BACKENDS}")
-        if self.backend == "openai" and not self.base_url:
-            raise EvalError("judge backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.model is None and self.backend == "local":
+            self.model = EMBEDDED_MODEL
+        if self.enabled and self.backend == "openai":
+            if not self.base_url:
+                raise EvalError("judge backend 'openai' needs base_url (--judge-url, e.g. http://127.0.0.1:8000/v1)")
+            if not self.model:
+                raise EvalError("judge backend 'openai' needs the served model name (--judge-model)")
         if self.retries < 0 or self.max_new_tokens < 1:
             raise EvalError("judge retries must be >= 0 and max_new_tokens >= 1")
         if self.cache_dir is not None:
