@@ -18,7 +18,7 @@ from .batching import plan_batches
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
 from .engine import HFEngine
 from .render import template_info
-from .streams import SEPARATORS, block_stream, chat_pieces, fast_stream, text_pieces
+from .streams import DOC_SETS, SEPARATORS, DocSelection, block_stream, chat_pieces, fast_stream, text_pieces
 
 
 @dataclass
@@ -37,7 +37,14 @@ class HarvestConfig:
     dataset_config: str | None = setting(None, help="Config (subset) of a hub dataset.")
     text_field: str = setting("text", help="Text column for bt-p.")
     max_samples: int | None = setting(None, help="Read at most this many samples.")
-    max_tokens: int | None = setting(200_000, help="Token budget of the cache.")
+    docs: str = setting("all", choices=DOC_SETS,
+                        help="Which documents: all, only the held-out sample (an evaluation cache), or all but "
+                             "it (training caches); a document is held out iff a hash of (holdout seed, its "
+                             "dataset index) falls below --holdout-fraction.")
+    holdout_fraction: float = setting(0.0, help="Share of the dataset's documents in the held-out sample.")
+    holdout_seed: int = setting(0, help="Seed of the held-out sample (the same seed and fraction give the same "
+                                        "documents in every regime).")
+    max_tokens: int | None = setting(200_000, help="Token budget of the cache (counted after --docs).")
     context_size: int = setting(1024, help="FAST: truncation length; BT: block length.")
     layers: list[int] = setting(default_factory=lambda: [3, 15],
                                 help="Decoder blocks whose output (resid_post) is stored, 0-indexed.")
@@ -79,16 +86,17 @@ class HarvestConfig:
 
 def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, Any]:
     src = DataSource(cfg.dataset, cfg.dataset_split, cfg.dataset_config, cfg.max_samples)
+    selection = DocSelection(cfg.docs, cfg.holdout_fraction, cfg.holdout_seed)
     fp = Fingerprint()
     info = template_info(tokenizer, cfg.model, require_template=cfg.regime != "bt-p")
     sep_id = {"none": None, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}[cfg.doc_separator]
     if cfg.doc_separator != "none" and sep_id is None:
         raise ValueError(f"--doc-separator {cfg.doc_separator}: the tokenizer has no {cfg.doc_separator} token")
     if cfg.regime == "bt-p":
-        stream = block_stream(text_pieces(iter_texts(src, cfg.text_field), tokenizer, fp),
+        stream = block_stream(text_pieces(iter_texts(src, cfg.text_field), tokenizer, fp, selection),
                               cfg.context_size, cfg.max_tokens, sep_id)
     else:
-        pieces = chat_pieces(iter_conversations(src), tokenizer, info, fp, cfg.system_prompt)
+        pieces = chat_pieces(iter_conversations(src), tokenizer, info, fp, cfg.system_prompt, selection)
         if cfg.regime == "fast":
             stream = fast_stream(pieces, cfg.context_size, cfg.max_tokens)
         else:

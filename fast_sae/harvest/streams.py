@@ -2,9 +2,14 @@
 
 FAST keeps one conversation per sequence; the two block-training baselines concatenate and cut
 into fixed blocks, so their blocks mix samples and cut them mid-way, as SAELens does.
+
+Which documents enter a stream is decided first (``DocSelection``), by dataset index, before any
+rendering or token budget: a held-out evaluation cache and the training caches of every regime can
+then be harvested from one dataset with provably disjoint documents.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +22,53 @@ from .data import Fingerprint
 from .render import TemplateInfo, render_conversation
 
 SEPARATORS = ("none", "bos", "eos")
+DOC_SETS = ("all", "train", "holdout")
 
 
 class StreamError(Exception):
     """The requested stream cannot be built; one line."""
+
+
+@dataclass(frozen=True)
+class DocSelection:
+    """Which documents a stream reads, by ``doc_id`` (the sample's index in the dataset, never renumbered).
+
+    A document is *held out* iff a hash of ``(seed, doc_id)`` falls below ``fraction``: a seeded
+    random sample that needs no pass over the dataset (it works on streamed hub datasets), gives
+    the same answer for a document whatever else is read, and splits every dataset prefix the same
+    way. ``docs`` picks ``all`` documents, only the held-out ones (``holdout``: an evaluation
+    cache) or only the others (``train``: the training caches of every regime).
+    """
+
+    docs: str = "all"
+    fraction: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.docs not in DOC_SETS:
+            raise StreamError(f"--docs {self.docs!r}: expected one of {', '.join(DOC_SETS)}")
+        if not 0.0 <= self.fraction <= 1.0:
+            raise StreamError(f"--holdout-fraction {self.fraction}: expected a share between 0 and 1")
+        if self.docs != "all" and not 0.0 < self.fraction < 1.0:
+            raise StreamError(f"--docs {self.docs} needs --holdout-fraction strictly between 0 and 1 "
+                              f"(got {self.fraction}): it would select all documents or none")
+
+    def held_out(self, doc_id: int) -> bool:
+        """Whether ``doc_id`` belongs to the held-out sample (independent of ``docs``)."""
+        digest = hashlib.blake2b(f"{self.seed}:{int(doc_id)}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2.0 ** 64 < self.fraction
+
+    def keep(self, doc_id: int) -> bool:
+        """Whether a stream with this selection reads ``doc_id``."""
+        if self.docs == "all":
+            return True
+        return self.held_out(doc_id) == (self.docs == "holdout")
+
+    def describe(self) -> dict[str, Any]:
+        return {"docs": self.docs, "holdout_fraction": self.fraction, "holdout_seed": self.seed}
+
+
+ALL_DOCS = DocSelection()
 
 
 @dataclass
@@ -33,8 +81,12 @@ class Piece:
 
 
 def chat_pieces(conversations: Iterable[list[dict[str, str]]], tokenizer: Any, info: TemplateInfo,
-                fingerprint: Fingerprint, system_prompt: str | None = None) -> Iterator[Piece]:
+                fingerprint: Fingerprint, system_prompt: str | None = None,
+                selection: DocSelection = ALL_DOCS) -> Iterator[Piece]:
+    """Rendered conversations of the selected documents; skipped ones are neither rendered nor fingerprinted."""
     for doc_id, messages in enumerate(conversations):
+        if not selection.keep(doc_id):
+            continue
         if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": system_prompt}, *messages]
         fingerprint.add(messages)
@@ -42,8 +94,11 @@ def chat_pieces(conversations: Iterable[list[dict[str, str]]], tokenizer: Any, i
         yield Piece(ids, roles, doc_id)
 
 
-def text_pieces(texts: Iterable[str], tokenizer: Any, fingerprint: Fingerprint) -> Iterator[Piece]:
+def text_pieces(texts: Iterable[str], tokenizer: Any, fingerprint: Fingerprint,
+                selection: DocSelection = ALL_DOCS) -> Iterator[Piece]:
     for doc_id, text in enumerate(texts):
+        if not selection.keep(doc_id):
+            continue
         fingerprint.add(text)
         ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
         yield Piece(ids, np.full(len(ids), int(Role.TEXT), np.uint8), doc_id)

@@ -4,7 +4,7 @@ import pytest
 from fast_sae.actcache import ActivationCache, Role
 from fast_sae.harvest.data import EMBEDDED_CHAT, DataSource, Fingerprint, iter_conversations
 from fast_sae.harvest.render import template_info
-from fast_sae.harvest.streams import StreamError, block_stream, chat_pieces, fast_stream
+from fast_sae.harvest.streams import DocSelection, StreamError, block_stream, chat_pieces, fast_stream
 
 
 def _check_positions(cache):
@@ -55,3 +55,42 @@ def test_fast_truncates_and_respects_budget(embedded_model):
     assert len(b.ids) == 192 and (b.roles == Role.SEPARATOR).sum() >= 1
     with pytest.raises(StreamError, match="fewer than one block"):
         block_stream(chat_pieces(convs[:1], tok, info, Fingerprint()), 4096, None)
+
+
+# ------------------------------------------------------------------ held-out document selection
+def test_doc_selection_is_seeded_deterministic_and_disjoint():
+    ids = range(20000)
+    held = {i for i in ids if DocSelection("holdout", 0.1, 7).keep(i)}
+    train = {i for i in ids if DocSelection("train", 0.1, 7).keep(i)}
+    assert held.isdisjoint(train) and held | train == set(ids)
+    assert abs(len(held) / 20000 - 0.1) < 0.01  # a random sample of the requested share
+    assert held == {i for i in ids if DocSelection("holdout", 0.1, 7).keep(i)}  # deterministic
+    assert held != {i for i in ids if DocSelection("holdout", 0.1, 8).keep(i)}  # the seed matters
+    assert len(held & set(range(1000))) not in (0, 1000)  # spread over the dataset, not a block at its end
+    assert all(DocSelection("all", 0.1, 7).keep(i) for i in ids)
+    for docs, fraction in (("holdout", 0.0), ("train", 1.0), ("some", 0.1)):
+        with pytest.raises(StreamError, match="--docs|--holdout-fraction"):
+            DocSelection(docs, fraction, 0)
+
+
+def test_harvest_streams_of_held_out_and_training_documents_are_disjoint(tmp_path, embedded_model):
+    """The selection runs before rendering and the token budget: doc ids stay dataset indices."""
+    from fast_sae.harvest.run import HarvestConfig, build_stream
+
+    _, tok = embedded_model
+
+    def docs(regime: str, which: str, max_tokens: int | None = None) -> tuple[set[int], int]:
+        cfg = HarvestConfig(out=tmp_path / "c", regime=regime, docs=which, holdout_fraction=0.25, holdout_seed=3,
+                            max_samples=120, max_tokens=max_tokens, context_size=64).resolved()
+        stream, _, _ = build_stream(cfg, tok)
+        return set(np.unique(stream.doc_ids).tolist()), len(stream.ids)
+
+    held, _ = docs("fast", "holdout")
+    train, _ = docs("fast", "train")
+    btf, _ = docs("bt-f", "train")
+    everything, _ = docs("fast", "all")
+    assert held and train and held.isdisjoint(train) and held.isdisjoint(btf)
+    assert held | train == everything == set(range(120))
+    assert held == {i for i in range(120) if DocSelection("holdout", 0.25, 3).keep(i)}
+    small, n = docs("fast", "holdout", max_tokens=600)
+    assert small <= held and 500 < n <= 600  # the budget is filled with held-out documents only
