@@ -57,7 +57,11 @@ class TrainConfig:
     eval_max_tokens: int = setting(65536, help="Cap on held-out tokens scored at the end of the run.")
     normalize: str = setting("content", choices=NORMALIZATIONS,
                              help="Scale activations so E||x||^2 = d_model over content tokens, or all tokens, or "
-                                  "not at all (weights are saved folded either way).")
+                                  "not at all, leaving out position 0 and norm outliers, on training tokens only "
+                                  "(weights are saved folded either way).")
+    normalize_from: str | None = setting(None, metavar="CACHE",
+                                         help="Take the normalisation constant from this (training) cache instead "
+                                              "of the run's own: one shared constant for a comparison of regimes.")
     b_dec_init: str = setting("geometric_median", choices=B_DEC_INITS, help="Decoder bias init (paper: geometric "
                                                                             "median).")
     init_encoder_as_decoder_transpose: bool = setting(True, help="Initialise W_enc as W_dec transposed.")

@@ -30,7 +30,8 @@ from .evaluation import evaluate_groups
 from .export import save_group
 from .loader import DataSplit, Prefetcher, TokenStream, readers_for
 from .memory import estimate
-from .normalize import initial_b_dec, normalization_method_used, scale_factor
+from .normalize import Normalization, initial_b_dec, normalization, normalization_source, sample_indices
+from .provenance import training_record
 from .report import format_table
 from .saes import GROUP_CLASSES, SAEGroup
 from .schedule import lr_at, sparsity_scale_at
@@ -113,6 +114,10 @@ class Trainer:
             raise RunError(f"only {self.split.train_tokens} training tokens, fewer than one batch ({cfg.batch_tokens})")
         self.total_steps = cfg.steps()
         self.dist: Dist = Dist()
+        train_range = (0, self.split.train_tokens)  # the normalisation statistic reads training tokens only
+        self.norm_source, self.norm_range = (self.cache, train_range) if cfg.normalize_from is None else \
+            normalization_source(cfg.normalize_from, self.cache, train_range, sorted({s.layer for s in self.specs}))
+        self.norms: dict[int, Normalization] = {}
 
     # ------------------------------------------------------------------ setup
     def _run_config(self) -> dict[str, Any]:
@@ -130,8 +135,9 @@ class Trainer:
             if resuming:  # overwritten by the checkpoint
                 b_dec[layer] = torch.zeros(self.d_in)
                 continue
-            sample = stream.readers[layer].read(0, n_sample) if self.cfg.b_dec_init == "geometric_median" else \
-                np.zeros((1, self.d_in), np.float32)
+            # a seeded random sample of the training tokens, not the first ones in stream order (one topic)
+            sample = stream.readers[layer].gather(sample_indices(0, self.split.train_tokens, n_sample, self.cfg.seed)) \
+                if self.cfg.b_dec_init == "geometric_median" else np.zeros((1, self.d_in), np.float32)
             b_dec[layer] = initial_b_dec(self.cfg.b_dec_init, sample, self.cache.layer_stats(layer).mean,
                                          scales[layer])
         groups: dict[str, list[SAESpec]] = {}
@@ -190,7 +196,9 @@ class Trainer:
             tmp.write_text(json.dumps(run_cfg, indent=2))
             os.replace(tmp, self.run_dir / RUN_CONFIG)
 
-        scales = {layer: scale_factor(self.cache, layer, self.cfg.normalize) for layer in my_layers}
+        self.norms = {layer: normalization(self.norm_source, layer, self.cfg.normalize, self.norm_range)
+                      for layer in my_layers}
+        scales = {layer: n.factor for layer, n in self.norms.items()}
         stream = TokenStream(readers_for(self.cache, my_layers, scales), self.split.train_tokens)
         ckpt = Checkpointer(self.run_dir, d)
         try:
@@ -358,7 +366,7 @@ class Trainer:
             # Weights are folded (act on raw activations), so SAELens must not rescale inputs again:
             "normalize_activations": "none",
             "activation_normalization_factor": scale,
-            "training_normalization": normalization_method_used(self.cache, spec.layer, cfg.normalize),
+            "training_normalization": self.norms[spec.layer].method,
             "weights_folded": True,
             "regime": m.regime, "training_regime": m.regime, "training_tokens": self.total_steps * cfg.batch_tokens,
             "train_batch_size_tokens": cfg.batch_tokens, "lr": cfg.lr, "lr_end": cfg.lr_end,
@@ -380,6 +388,7 @@ class Trainer:
             "finetuning_scaling_factor": False, "dataset_trust_remote_code": False,
             "model_from_pretrained_kwargs": {}, "sae_lens_training_version": None, "neuronpedia_id": None,
         }
+        out.update(training_record(self.cache, self.split.train_tokens, self.norms[spec.layer]))
         out["activation_fn_str"] = "topk" if spec.architecture == "topk" else "relu"
         if spec.architecture == "standard":
             out.update(activation_fn="relu", l1_coefficient=spec.sparsity,
