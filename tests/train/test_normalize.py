@@ -92,10 +92,11 @@ def test_shared_normalisation_is_applied_identically_to_every_regime(tmp_path):
     shared = {regime: _train(path, tmp_path / f"run_{regime}", normalize_from=str(caches["fast"]))
               for regime, path in caches.items()}
     factors = set()
-    for regime, (cfgs, metrics) in shared.items():
+    for cfgs, metrics in shared.values():
         for cfg in cfgs.values():
             n = cfg["normalization"]
-            assert n["source"] == str(caches["fast"].resolve()) and cfg["activation_normalization_factor"] == n["factor"]
+            assert n["source"] == str(caches["fast"].resolve())
+            assert cfg["activation_normalization_factor"] == n["factor"]
             factors.add(n["factor"])
         # the factor really applied: the trainer logs MSE in raw and normalised units, ratio s^2
         for m in (m for m in metrics if m["split"] == "train"):
