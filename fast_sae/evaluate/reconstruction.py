@@ -19,6 +19,17 @@ Subsets: all tokens, special (BOS/template special/template/separator — the pa
 positions as cache_layout.md defines them), its halves special_tokens (tokenizer special tokens)
 and template (role names, newlines, default system prompt), content, and each content role. Several SAEs of one layer share a single pass over
 the cache, read in batches so memory stays flat whatever the cache size.
+
+Token filters (docs/metrics.md): every subset is also scored without outlier tokens, because on
+chat models one token can carry ~all of Σ‖x‖² (the attention sink at position 0: ‖x‖ ~ 25,000
+against a median of ~175 on the embedded model) and the tokens every eval sequence shares (the
+template's default system prompt) have the same activation in every sequence:
+- ``all_tokens`` (``subsets``): as is;
+- ``no_pos0`` (``subsets_no_pos0``): without position 0 of each sequence;
+- ``no_prefix`` (``subsets_no_prefix``, the headline): without the longest common token prefix of
+  the selected eval sequences, found from the token ids, and always without position 0 (a sink
+  whether or not its token is shared). With fewer than two sequences no prefix is "shared".
+Per subset, ``n_norm_outliers`` counts tokens with ‖x‖ > 10× the median norm of all eval tokens.
 """
 from __future__ import annotations
 
@@ -35,6 +46,11 @@ from fast_sae.options import setting
 from fast_sae.saeio import LoadedSAE
 
 from .sources import EvalSelection
+
+TOKEN_FILTERS = ("all_tokens", "no_pos0", "no_prefix")
+HEADLINE_FILTER = "no_prefix"
+FILTER_KEYS = {"all_tokens": "subsets", "no_pos0": "subsets_no_pos0", "no_prefix": "subsets_no_prefix"}
+OUTLIER_FACTOR = 10.0
 
 SUBSETS: dict[str, tuple[int, ...] | None] = {
     "all": None,
@@ -100,13 +116,14 @@ class _SubsetSums:
 class ReconstructionResult:
     """Metrics of one SAE on one eval selection; ``feature_frequency`` is kept for plots and files."""
 
-    subsets: dict[str, dict[str, Any]]
+    subsets: dict[str, dict[str, Any]]  # all tokens
     feature_frequency: np.ndarray  # (d_sae,) share of eval tokens on which each feature fires
     dead_fraction: float
     dense_fraction: float
     dead_threshold: float
     dense_threshold: float
     n_tokens: int
+    filtered: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # no_pos0 / no_prefix -> subsets
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +132,7 @@ class ReconstructionResult:
         hist, edges = np.histogram(logf, bins=30, range=(-8.0, 0.0)) if len(logf) else (np.zeros(30, int), np.linspace(-8, 0, 31))
         return {
             "subsets": self.subsets,
+            **{FILTER_KEYS[name]: subsets for name, subsets in self.filtered.items()},
             "n_tokens": self.n_tokens,
             "dead_fraction": self.dead_fraction,
             "dense_fraction": self.dense_fraction,
@@ -129,36 +147,92 @@ class ReconstructionResult:
 
 
 @dataclass
+class TokenView:
+    """The selected eval tokens, in pass order: sequence, role and which token filters keep each one."""
+
+    seq_local: np.ndarray  # (n,) index of each token's sequence among the selected ones
+    roles: np.ndarray  # (n,)
+    keep: dict[str, np.ndarray]  # token filter -> (n,) bool
+    prefix_length: int  # the longest common token prefix of the selected sequences
+
+    @classmethod
+    def of(cls, cache: ActivationCache, selection: EvalSelection) -> TokenView:
+        runs = selection.token_runs()
+        index = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, np.int64)
+        starts = selection.seq_starts
+        local_of = np.full(len(starts) - 1, -1, dtype=np.int64)
+        local_of[selection.sequences] = np.arange(len(selection.sequences))
+        seq_global = np.searchsorted(starts, index, side="right") - 1
+        position = index - starts[seq_global]
+        prefix = shared_prefix_length(cache.token_ids(), starts, selection.sequences)
+        keep = {"all_tokens": np.ones(len(index), bool), "no_pos0": position != 0,
+                "no_prefix": position >= max(prefix, 1)}
+        return cls(seq_local=local_of[seq_global], roles=cache.roles()[index], keep=keep, prefix_length=prefix)
+
+    def describe(self) -> dict[str, Any]:
+        removed = {name: int((~m).sum()) for name, m in self.keep.items()}
+        return {"headline": HEADLINE_FILTER, "shared_prefix_length": self.prefix_length,
+                "filters": {"all_tokens": {"key": "subsets", "removed_tokens": removed["all_tokens"],
+                                           "what": "every eval token"},
+                            "no_pos0": {"key": "subsets_no_pos0", "removed_tokens": removed["no_pos0"],
+                                        "what": "without position 0 of each sequence (the attention sink)"},
+                            "no_prefix": {"key": "subsets_no_prefix", "removed_tokens": removed["no_prefix"],
+                                          "what": f"without the {self.prefix_length}-token prefix shared by every "
+                                                  f"eval sequence, and without position 0"}}}
+
+
+def shared_prefix_length(token_ids: np.ndarray, seq_starts: np.ndarray, sequences: np.ndarray) -> int:
+    """Length of the longest token prefix common to every selected sequence (0 with fewer than two)."""
+    if len(sequences) < 2:
+        return 0
+    begin = seq_starts[sequences]
+    shortest = int((seq_starts[sequences + 1] - begin).min())
+    k = 0
+    while k < shortest and np.all(token_ids[begin + k] == token_ids[begin[0] + k]):
+        k += 1
+    return k
+
+
+@dataclass
 class BatchView:
-    """What every SAE of a pass shares about one batch: subset masks and the activations' own sums."""
+    """What every SAE of a pass shares about one batch: subset masks and the activations' own sums,
+    keyed by (token filter, subset)."""
 
     x: torch.Tensor  # (b, d_model) float32, on the compute device
     seq_local: np.ndarray  # (b,) index of each token's sequence among the selected ones
-    masks: dict[str, np.ndarray]  # subset -> (b,) bool, only subsets present in the batch
-    sum_x: dict[str, np.ndarray]  # subset -> (d_model,) float64
-    sum_sq: dict[str, float]  # subset -> Σ‖x‖²
+    masks: dict[tuple[str, str], np.ndarray]  # only subsets present in the batch
+    sum_x: dict[tuple[str, str], np.ndarray]  # (d_model,) float64
+    sum_sq: dict[tuple[str, str], float]  # Σ‖x‖²
+    sq_norm: np.ndarray  # (b,) ‖x‖² per token
 
     @classmethod
-    def of(cls, x: torch.Tensor, seq_local: np.ndarray, roles: np.ndarray) -> BatchView:
+    def of(cls, x: torch.Tensor, seq_local: np.ndarray, roles: np.ndarray,
+           keep: dict[str, np.ndarray] | None = None) -> BatchView:
         xd = x.double()
         sq = (xd ** 2).sum(-1).cpu().numpy()
         x_np = xd.cpu().numpy()
+        keep = keep if keep is not None else {"all_tokens": np.ones(len(sq), bool)}
         masks, sum_x, sum_sq = {}, {}, {}
         for name, codes in SUBSETS.items():
-            m = np.ones(len(sq), dtype=bool) if codes is None else np.isin(roles, codes)
-            if m.any():
-                masks[name], sum_x[name], sum_sq[name] = m, x_np[m].sum(0), float(sq[m].sum())
-        return cls(x=x, seq_local=seq_local, masks=masks, sum_x=sum_x, sum_sq=sum_sq)
+            role_mask = np.ones(len(sq), dtype=bool) if codes is None else np.isin(roles, codes)
+            for filt, kept in keep.items():
+                m = role_mask & kept
+                if m.any():
+                    key = (filt, name)
+                    masks[key], sum_x[key], sum_sq[key] = m, x_np[m].sum(0), float(sq[m].sum())
+        return cls(x=x, seq_local=seq_local, masks=masks, sum_x=sum_x, sum_sq=sum_sq, sq_norm=sq)
 
 
 class ReconstructionAccumulator:
     """Streams batches of (activations, reconstruction, features) into the metric sums of one SAE."""
 
-    def __init__(self, d_model: int, d_sae: int, n_sequences: int) -> None:
+    def __init__(self, d_model: int, d_sae: int, n_sequences: int,
+                 filters: tuple[str, ...] = ("all_tokens",)) -> None:
         self.d_model = d_model
         self.n_sequences = n_sequences
-        self.sums = {name: _SubsetSums(np.zeros(n_sequences), np.zeros(n_sequences, dtype=np.int64),
-                                       np.zeros(d_model)) for name in SUBSETS}
+        self.filters = filters
+        self.sums = {(filt, name): _SubsetSums(np.zeros(n_sequences), np.zeros(n_sequences, dtype=np.int64),
+                                               np.zeros(d_model)) for filt in filters for name in SUBSETS}
         self.fire_count = np.zeros(d_sae, dtype=np.int64)
         self.n_tokens = 0
 
@@ -169,49 +243,78 @@ class ReconstructionAccumulator:
         l0 = active.sum(-1).cpu().numpy()
         self.fire_count += active.sum(0).cpu().numpy().astype(np.int64)
         self.n_tokens += len(err)
-        for name, m in batch.masks.items():
-            s = self.sums[name]
+        for key, m in batch.masks.items():
+            s = self.sums.get(key)
+            if s is None:  # a filter this accumulator does not track
+                continue
             s.seq_err += np.bincount(batch.seq_local[m], weights=err[m], minlength=self.n_sequences)
             s.seq_count += np.bincount(batch.seq_local[m], minlength=self.n_sequences)
-            s.sum_x += batch.sum_x[name]
-            s.sum_sq += batch.sum_sq[name]
+            s.sum_x += batch.sum_x[key]
+            s.sum_sq += batch.sum_sq[key]
             s.sum_err += float(err[m].sum())
             s.l0_sum += float(l0[m].sum())
             s.n += int(m.sum())
 
     def result(self, cfg: ReconstructionConfig) -> ReconstructionResult:
         freq = self.fire_count / max(self.n_tokens, 1)
+        by_filter = {filt: {name: self.sums[(filt, name)].result(self.d_model) for name in SUBSETS}
+                     for filt in self.filters}
         return ReconstructionResult(
-            subsets={name: s.result(self.d_model) for name, s in self.sums.items()},
+            subsets=by_filter["all_tokens"], filtered={f: v for f, v in by_filter.items() if f != "all_tokens"},
             feature_frequency=freq,
             dead_fraction=float((freq <= cfg.dead_threshold).mean()),
             dense_fraction=float((freq > cfg.dense_threshold).mean()),
             dead_threshold=cfg.dead_threshold, dense_threshold=cfg.dense_threshold, n_tokens=self.n_tokens)
 
 
+def norm_outliers(sq_norm: np.ndarray, view: TokenView) -> tuple[dict[str, Any], dict[tuple[str, str], int]]:
+    """Tokens with ‖x‖ > 10× the median norm of all eval tokens, counted per (filter, subset)."""
+    norms = np.sqrt(sq_norm)
+    median = float(np.median(norms)) if len(norms) else 0.0
+    outlier = norms > OUTLIER_FACTOR * median
+    counts = {}
+    for name, codes in SUBSETS.items():
+        role_mask = np.ones(len(norms), dtype=bool) if codes is None else np.isin(view.roles, codes)
+        for filt, kept in view.keep.items():
+            counts[(filt, name)] = int((outlier & role_mask & kept).sum())
+    info = {"median_norm": median, "threshold_norm": OUTLIER_FACTOR * median, "factor": OUTLIER_FACTOR,
+            "max_norm": float(norms.max()) if len(norms) else 0.0}
+    return info, counts
+
+
 @torch.no_grad()
 def evaluate_reconstruction(saes: dict[str, LoadedSAE], cache: ActivationCache, layer: int,
                             selection: EvalSelection, cfg: ReconstructionConfig | None = None
                             ) -> dict[str, ReconstructionResult]:
-    """One streamed pass over ``selection`` of ``layer``, scoring every SAE in ``saes`` on it."""
+    """One streamed pass over ``selection`` of ``layer``, scoring every SAE in ``saes`` on it, on every
+    token filter (module docstring)."""
     cfg = cfg or ReconstructionConfig()
-    starts = selection.seq_starts
-    local_of = np.full(len(starts) - 1, -1, dtype=np.int64)
-    local_of[selection.sequences] = np.arange(len(selection.sequences))
-    roles_all = cache.roles()
-    accs = {name: ReconstructionAccumulator(cache.d_model, sae.d_sae, len(selection.sequences))
+    view = TokenView.of(cache, selection)
+    accs = {name: ReconstructionAccumulator(cache.d_model, sae.d_sae, len(selection.sequences), TOKEN_FILTERS)
             for name, sae in saes.items()}
+    sq_norm = np.zeros(len(view.roles))
     bar = tqdm(total=selection.n_tokens, unit="tok", desc=f"reconstruction layer {layer} ({len(saes)} SAEs)",
                disable=not cfg.progress, leave=False)
+    done = 0
     for a, b in selection.token_runs():
         for lo in range(a, b, cfg.batch_tokens):
             hi = min(lo + cfg.batch_tokens, b)
             x = torch.from_numpy(np.asarray(cache.read(layer, lo, hi), dtype=np.float32)).to(cfg.device)
-            seq_local = local_of[np.searchsorted(starts, np.arange(lo, hi), side="right") - 1]
-            batch = BatchView.of(x, seq_local, roles_all[lo:hi])
+            at = slice(done, done + hi - lo)
+            batch = BatchView.of(x, view.seq_local[at], view.roles[at], {f: m[at] for f, m in view.keep.items()})
+            sq_norm[at] = batch.sq_norm
             for name, sae in saes.items():
                 f = sae.encode(x)
                 accs[name].update(batch, sae.decode(f), f)
+            done += hi - lo
             bar.update(hi - lo)
     bar.close()
-    return {name: acc.result(cfg) for name, acc in accs.items()}
+    info, counts = norm_outliers(sq_norm, view)
+    results = {name: acc.result(cfg) for name, acc in accs.items()}
+    for res in results.values():
+        for filt in TOKEN_FILTERS:
+            subsets = res.subsets if filt == "all_tokens" else res.filtered[filt]
+            for name, metrics in subsets.items():
+                metrics["n_norm_outliers"] = counts[(filt, name)]
+        res.extra["token_filters"] = view.describe() | {"norm_outliers": info}
+    return results

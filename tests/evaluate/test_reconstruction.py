@@ -87,7 +87,7 @@ def test_against_numpy_reference_with_roles(tmp_path):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-5), (name, key)  # SAE runs in float32
     assert res.subsets["special"]["n_sequences"] < len(lengths)  # sequence 1 has none
-    assert res.subsets["system"] == {"n_tokens": 0, "n_sequences": 0}
+    assert res.subsets["system"]["n_tokens"] == 0 and res.subsets["system"]["n_sequences"] == 0
     freq = (f > 0).mean(0)
     assert np.allclose(res.feature_frequency, freq)
     assert res.dead_fraction == pytest.approx((freq == 0).mean())
@@ -111,3 +111,39 @@ def test_several_saes_share_one_pass_and_stay_independent(tmp_path):
     assert out["b"].subsets["all"]["mse"] == pytest.approx(want)
     d = out["b"].to_dict()
     assert d["n_dead"] == 4 and d["density_histogram"]["n_never_fired"] == 4
+
+
+def test_sink_and_shared_prefix_subsets_by_hand(tmp_path):
+    """Three sequences whose first two tokens are the same (ids 1, 2) and whose position 0 is a sink."""
+    ids = [1, 2, 3, 10, 1, 2, 3, 11, 12, 1, 2, 4, 13]
+    x = np.array([[100, 0], [1, 0], [0, 2], [1, 1],  # A
+                  [100, 0], [1, 0], [0, 2], [2, 0], [0, 1],  # B
+                  [100, 0], [1, 0], [1, 1], [0, 3]], dtype=np.float32)  # C
+    pos = np.array([0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 3])
+    roles = np.where(pos == 0, int(Role.SPECIAL), np.where(pos == 1, int(Role.TEMPLATE), int(Role.USER)))
+    cache = make_cache(tmp_path / "c", {0: x}, [4, 5, 4], roles=roles.astype(np.uint8), token_ids=np.array(ids))
+    res = _run(cache, save_constant_sae(tmp_path / "zero", 2, 0, 0.0))  # error = ‖x‖²
+    full, no_pos0, no_prefix = res.subsets, res.filtered["no_pos0"], res.filtered["no_prefix"]
+    # eq. 7 by hand: per-sequence means of ‖x‖², averaged over the 3 sequences, / 2 dims
+    assert full["all"]["mse"] == pytest.approx((10007 / 4 + 10010 / 5 + 10012 / 4) / 3 / 2)
+    assert no_pos0["all"]["mse"] == pytest.approx((7 / 3 + 10 / 4 + 12 / 3) / 3 / 2)
+    assert no_prefix["all"]["mse"] == pytest.approx((6 / 2 + 9 / 3 + 11 / 2) / 3 / 2)  # shared prefix: 2 tokens
+    assert [full["all"]["n_tokens"], no_pos0["all"]["n_tokens"], no_prefix["all"]["n_tokens"]] == [13, 10, 7]
+    assert full["special"]["mse"] == pytest.approx((10001 / 2) * 3 / 3 / 2)
+    assert no_pos0["special"]["mse"] == pytest.approx(0.5) and no_prefix["special"]["n_tokens"] == 0
+    assert no_prefix["content"]["mse"] == pytest.approx(no_prefix["all"]["mse"])
+    # norm outliers: ‖x‖ > 10 × median norm (2) = 20: the three sinks
+    assert [full["all"]["n_norm_outliers"], no_pos0["all"]["n_norm_outliers"],
+            no_prefix["all"]["n_norm_outliers"]] == [3, 0, 0]
+    assert full["special"]["n_norm_outliers"] == 3
+    info = res.to_dict()["token_filters"]
+    assert info["shared_prefix_length"] == 2 and info["headline"] == "no_prefix"
+    assert info["norm_outliers"]["median_norm"] == pytest.approx(2.0)
+    assert res.to_dict()["subsets_no_prefix"]["all"]["mse"] == no_prefix["all"]["mse"]
+
+    # no shared token: the prefix filter still drops position 0 (a sink whether shared or not)
+    ids2 = [5, 2, 3, 10, 1, 2, 3, 11, 12, 1, 2, 4, 13]
+    cache2 = make_cache(tmp_path / "c2", {0: x}, [4, 5, 4], roles=roles.astype(np.uint8), token_ids=np.array(ids2))
+    res2 = _run(cache2, save_constant_sae(tmp_path / "zero2", 2, 0, 0.0))
+    assert res2.to_dict()["token_filters"]["shared_prefix_length"] == 0
+    assert res2.filtered["no_prefix"]["all"]["mse"] == pytest.approx(no_pos0["all"]["mse"])
