@@ -11,6 +11,11 @@ of the evaluated sequences (token-weighted means):
 - ``loss_recovered`` = (zero − spliced) / (zero − clean) (1 = as good as clean, 0 = as bad as zeroing);
 - ``kl_spliced`` = mean per token of KL(p_clean ‖ p_spliced), ``kl_zero`` likewise for ablation.
 Each sequence is run alone (no padding, no packing), so the model sees exactly what the cache saw.
+The same figures are also given per token filter (``filters``, see reconstruction.py): for
+``no_pos0`` / ``no_prefix`` the SAE (or zero) replaces the residual only at the kept positions
+(the sink / shared prefix keep their clean activation) and the losses average the predictions
+made at kept positions; the loss an SAE costs on the tokens it is scored on, not on a sink's
+reconstruction that every later token reads.
 As a check on layer indexing (pitfalls.md), the clean pass also captures the layer's output and
 compares it to the cached activations of the same tokens (``cache_match_rel_err``).
 """
@@ -48,6 +53,9 @@ class DownstreamConfig:
                                                                    "sequences; at least one).")
     max_seq_len: int | None = setting(None, flag="downstream-max-len", help="Truncate downstream sequences to this "
                                                                             "length.")
+    token_filters: bool = setting(True, flag="downstream-token-filters",
+                                  help="Also measure the loss without position 0 and without the shared prefix "
+                                       "(3x the forward passes).")
     device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
     progress: bool = setting(True, cli=False, help="Set from the evaluation's --progress.")
 
@@ -94,7 +102,12 @@ class _Sums:
     ce: float = 0.0
     kl: float = 0.0
 
-    def add(self, logp: torch.Tensor, targets: torch.Tensor, clean: torch.Tensor | None) -> None:
+    def add(self, logp: torch.Tensor, targets: torch.Tensor, clean: torch.Tensor | None,
+            rows: torch.Tensor | None = None) -> None:
+        """Add the predictions at ``rows`` (a bool mask over positions; all when None)."""
+        if rows is not None:
+            logp, targets = logp[rows], targets[rows]
+            clean = clean[rows] if clean is not None else None
         self.ce += float(-logp.gather(1, targets[:, None]).sum())
         if clean is not None:
             self.kl += float((clean.exp() * (clean - logp)).sum())
@@ -111,6 +124,7 @@ class DownstreamResult:
     n_sequences: int
     layer: int
     extra: dict[str, Any] = field(default_factory=dict)
+    filters: dict[str, DownstreamResult] = field(default_factory=dict)  # no_pos0 / no_prefix
 
     @property
     def delta_loss_pct(self) -> float:
@@ -125,7 +139,8 @@ class DownstreamResult:
         return {"clean_loss": self.clean_loss, "spliced_loss": self.spliced_loss, "zero_loss": self.zero_loss,
                 "delta_loss_pct": self.delta_loss_pct, "loss_recovered": self.loss_recovered,
                 "kl_spliced": self.kl_spliced, "kl_zero": self.kl_zero, "n_tokens": self.n_tokens,
-                "n_sequences": self.n_sequences, "layer": self.layer, **self.extra}
+                "n_sequences": self.n_sequences, "layer": self.layer, **self.extra,
+                **({"filters": {k: v.to_dict() for k, v in self.filters.items()}} if self.filters else {})}
 
 
 def downstream_sequences(selection: EvalSelection, cfg: DownstreamConfig) -> list[tuple[int, int]]:
@@ -145,20 +160,43 @@ def downstream_sequences(selection: EvalSelection, cfg: DownstreamConfig) -> lis
     return out
 
 
+def _masked(fn: Replace, keep: torch.Tensor) -> Replace:
+    """``fn`` at the kept positions of a (1, L, d) block output, the clean output elsewhere."""
+    return lambda h: torch.where(keep.to(h.device)[None, :, None], fn(h), h)
+
+
+@dataclass
+class _FilterSums:
+    """Loss sums of one token filter: clean, zero-ablated per layer, spliced per SAE."""
+
+    clean: _Sums = field(default_factory=_Sums)
+    zero: dict[int, _Sums] = field(default_factory=dict)
+    spliced: dict[str, _Sums] = field(default_factory=dict)
+    n_pred: int = 0
+    n_sequences: int = 0
+
+
+def _filter_masks(length: int, prefix_length: int) -> dict[str, torch.Tensor]:
+    pos = torch.arange(length)
+    return {"all_tokens": torch.ones(length, dtype=torch.bool), "no_pos0": pos >= 1,
+            "no_prefix": pos >= max(prefix_length, 1)}
+
+
 @torch.no_grad()
 def evaluate_downstream(model: Any, saes: dict[str, tuple[LoadedSAE, int]], cache: ActivationCache,
-                        selection: EvalSelection, cfg: DownstreamConfig | None = None) -> dict[str, DownstreamResult]:
-    """Clean, spliced and zero-ablated LM loss of every SAE (``name -> (sae, layer)``) on the cache's tokens."""
+                        selection: EvalSelection, cfg: DownstreamConfig | None = None,
+                        prefix_length: int = 0) -> dict[str, DownstreamResult]:
+    """Clean, spliced and zero-ablated LM loss of every SAE (``name -> (sae, layer)``) on the cache's tokens,
+    on every token filter (``prefix_length``: the eval sequences' shared token prefix)."""
     cfg = cfg or DownstreamConfig()
     ranges = downstream_sequences(selection, cfg)
     if not ranges:
         raise EvalError(f"{cache.path}: no eval sequence has two tokens; nothing to predict for the downstream loss")
     ids_all = cache.token_ids()
     layers = sorted({layer for _, layer in saes.values()})
-    clean, zero = _Sums(), {layer: _Sums() for layer in layers}
-    spliced = {name: _Sums() for name in saes}
+    sums = {f: _FilterSums(zero={layer: _Sums() for layer in layers}, spliced={name: _Sums() for name in saes})
+            for f in ("all_tokens", "no_pos0", "no_prefix")}
     match_err = {layer: 0.0 for layer in layers}
-    n_pred = 0
     bar = tqdm(ranges, unit="seq", desc=f"downstream loss ({len(saes)} SAEs)", disable=not cfg.progress, leave=False)
     for a, b in bar:
         ids = torch.as_tensor(ids_all[a:b].astype(np.int64), device=cfg.device)
@@ -166,21 +204,41 @@ def evaluate_downstream(model: Any, saes: dict[str, tuple[LoadedSAE, int]], cach
         captured: dict[int, torch.Tensor] = {}
         with capture(model, layers, captured):
             logp_clean = _log_probs(model, ids)
-        clean.add(logp_clean, targets, None)
         for layer in layers:
             cached = torch.from_numpy(np.asarray(cache.read(layer, a, b), dtype=np.float32))
             got = captured[layer][0].float().cpu()
             rel = float((got - cached).norm(dim=-1).max() / cached.norm(dim=-1).max().clamp_min(1e-12))
             match_err[layer] = max(match_err[layer], rel)
-            with splice(model, layer, zero_replacement):
-                zero[layer].add(_log_probs(model, ids), targets, logp_clean)
-        for name, (sae, layer) in saes.items():
-            with splice(model, layer, sae_replacement(sae)):
-                spliced[name].add(_log_probs(model, ids), targets, logp_clean)
-        n_pred += len(targets)
-    n = max(n_pred, 1)
-    return {name: DownstreamResult(
-        clean_loss=clean.ce / n, spliced_loss=spliced[name].ce / n, zero_loss=zero[layer].ce / n,
-        kl_spliced=spliced[name].kl / n, kl_zero=zero[layer].kl / n, n_tokens=n_pred, n_sequences=len(ranges),
-        layer=layer, extra={"cache_match_rel_err": match_err[layer]})
-        for name, (sae, layer) in saes.items()}
+        for filt, keep in _filter_masks(b - a, prefix_length).items():
+            if filt != "all_tokens" and not cfg.token_filters:
+                continue
+            rows = keep[:-1].to(logp_clean.device)  # predictions made at kept positions
+            if not rows.any():
+                continue
+            fs = sums[filt]
+            full = filt == "all_tokens"  # unmasked hooks: the exact figures of a plain splice
+            fs.clean.add(logp_clean, targets, None, rows)
+            for layer in layers:
+                with splice(model, layer, zero_replacement if full else _masked(zero_replacement, keep)):
+                    fs.zero[layer].add(_log_probs(model, ids), targets, logp_clean, rows)
+            for name, (sae, layer) in saes.items():
+                fn = sae_replacement(sae)
+                with splice(model, layer, fn if full else _masked(fn, keep)):
+                    fs.spliced[name].add(_log_probs(model, ids), targets, logp_clean, rows)
+            fs.n_pred += int(rows.sum())
+            fs.n_sequences += 1
+
+    def result(fs: _FilterSums, name: str, layer: int) -> DownstreamResult:
+        n = max(fs.n_pred, 1)
+        return DownstreamResult(clean_loss=fs.clean.ce / n, spliced_loss=fs.spliced[name].ce / n,
+                                zero_loss=fs.zero[layer].ce / n, kl_spliced=fs.spliced[name].kl / n,
+                                kl_zero=fs.zero[layer].kl / n, n_tokens=fs.n_pred, n_sequences=fs.n_sequences,
+                                layer=layer)
+
+    out = {}
+    for name, (_sae, layer) in saes.items():
+        res = result(sums["all_tokens"], name, layer)
+        res.extra["cache_match_rel_err"] = match_err[layer]
+        res.filters = {f: result(sums[f], name, layer) for f in ("no_pos0", "no_prefix") if sums[f].n_pred}
+        out[name] = res
+    return out

@@ -14,7 +14,7 @@ from fast_sae.lm import EMBEDDED_MODEL
 from .helpers import make_cache, save_constant_sae, save_identity_sae, save_random_sae
 
 LAYER = 2
-CFG = DownstreamConfig(max_sequences=2, max_tokens=200, progress=False)
+CFG = DownstreamConfig(max_sequences=2, max_tokens=200, progress=False, token_filters=False)
 
 
 def _model_cache(path, model, tokenizer, shift: int = 1):
@@ -64,13 +64,37 @@ def test_identity_splice_equals_clean_and_zero_is_worse(tmp_path, embedded_model
     assert d["delta_loss_pct"] == pytest.approx((d["spliced_loss"] - d["clean_loss"]) / d["clean_loss"] * 100)
 
 
+@pytest.mark.slow
+def test_token_filters_splice_only_kept_positions(tmp_path, embedded_model, model_cache):
+    """no_pos0 / no_prefix: the sink (and the shared prefix) keep their clean activation."""
+    model, _ = embedded_model
+    d = model.config.hidden_size
+    save_identity_sae(tmp_path / "run" / "identity", d, LAYER)
+    save_constant_sae(tmp_path / "run" / "zero", d, LAYER, 0.0)
+    cache = ActivationCache.open(model_cache)
+    entries = load_entries([tmp_path / "run"])
+    sel = choose_eval_sequences(entries, cache)
+    lengths = np.diff(sel.seq_starts)[sel.sequences]
+    cfg = DownstreamConfig(max_sequences=2, max_tokens=200, progress=False)
+    out = evaluate_downstream(model, {e.name: (e.sae, e.layer) for e in entries}, cache, sel, cfg, prefix_length=5)
+    for filt, first in (("no_pos0", 1), ("no_prefix", 5)):
+        ident, zero = out["identity"].filters[filt], out["zero"].filters[filt]
+        assert ident.n_tokens == int((lengths - 1 - first).sum())  # predictions made at kept positions
+        assert ident.spliced_loss == pytest.approx(ident.clean_loss, rel=1e-5)
+        assert zero.spliced_loss == pytest.approx(zero.zero_loss, rel=1e-6) and zero.zero_loss > zero.clean_loss
+        assert out["identity"].to_dict()["filters"][filt]["n_tokens"] == ident.n_tokens
+    # keeping the sink clean changes the ablation: zeroing every position but 0 is not zeroing all
+    assert out["zero"].filters["no_pos0"].zero_loss != pytest.approx(out["zero"].zero_loss, rel=1e-3)
+
+
 def test_off_by_one_cache_is_flagged(tmp_path, embedded_model):
     model, tok = embedded_model
     cache = ActivationCache.open(_model_cache(tmp_path / "shifted", model, tok, shift=0))
     sae = save_identity_sae(tmp_path / "id", model.config.hidden_size, LAYER)
     entries = load_entries([sae])
     out = evaluate_downstream(model, {"id": (entries[0].sae, LAYER)}, cache,
-                              choose_eval_sequences(entries, cache), DownstreamConfig(max_sequences=1, progress=False))
+                              choose_eval_sequences(entries, cache),
+                              DownstreamConfig(max_sequences=1, progress=False, token_filters=False))
     assert out["id"].to_dict()["cache_match_rel_err"] > 0.05
 
 
