@@ -3,11 +3,13 @@ chat-template special tokens, and judge the replies against the unmodified model
 
 Entry point (called by fast_sae/evaluate/runner.py)::
 
-    run_intervention(sae_dir, cache_path, out_dir, *, prompts=None, alphas=(0, 15, 25, 50),
+    run_intervention(sae, cache, out_dir, *, prompts=None, alphas=(0, 15, 25, 50),
                      n_features=1, positions="all", max_new_tokens=48, judge=None,
-                     features=None, mode="add", top_k=5, model_id=None, model=None) -> dict
+                     features=None, mode="add", direction="unit", top_k=5, model_id=None, model=None,
+                     token_ranges=None) -> dict
 
-1. Feature discovery, from the cache only (no model): for every special-token id occurring at a
+1. Feature discovery, from the cache only (no model; only ``token_ranges`` of it when given: the
+   evaluation passes its held-out sequences): for every special-token id occurring at a
    special-token position (roles ``actcache.SPECIAL_ROLES``: BOS, template special tokens, template
    role/newline tokens, separators), the feature's maximum activation over that token's occurrences
    in each sample (doc id), averaged over the samples containing it (the paper's "average maximum
@@ -18,7 +20,10 @@ Entry point (called by fast_sae/evaluate/runner.py)::
 2. Generation: each prompt as a one-turn user chat through the model's chat template, greedy,
    ``max_new_tokens``; first unmodified (no hook), then for every feature and alpha with a forward
    hook on ``decoder_layers(model)[hook_layer]`` (the SAE's layer: the cache stores that block's
-   output) that adds ``alpha * W_dec[k]`` (eq. 8, ``mode="add"``) to the residual stream, at every
+   output) that adds ``alpha * d_k`` (eq. 8, ``mode="add"``) to the residual stream, with d_k the
+   unit-norm decoder direction W_dec[k] / ‖W_dec[k]‖ as in the paper (``direction="unit"``), so
+   alpha is in residual units whatever the SAE's normalisation; ``direction="raw_folded"`` adds
+   the folded checkpoint row as is (its norm is 1/s for a unit-norm decoder trained on s·x), at every
    position (``positions="all"``: prompt and generated tokens) or only where the input token is a
    special token (``positions="special"``: the tokenizer's special ids, e.g. <|im_start|>, <|im_end|>).
    ``mode="scale"`` instead multiplies the feature's own activation by alpha
@@ -47,7 +52,7 @@ import torch
 
 from fast_sae.actcache import SPECIAL_ROLES, ActivationCache, Role
 from fast_sae.lm import decoder_layers, load_model, load_tokenizer, map_block_output
-from fast_sae.saeio import load_sae
+from fast_sae.saeio import LoadedSAE, load_sae
 
 from .errors import EvalError
 from .interpret.config import JudgeConfig
@@ -58,6 +63,7 @@ from .interpret.top_examples import TokenRenderer, sae_layer
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts" / "intervention_prompts.json"
 QUALITY_PROMPT = "reply_quality_v1"
 POSITIONS = ("all", "special")
+DIRECTIONS = ("unit", "raw_folded")
 MARKER_ROLES = (Role.BOS, Role.SPECIAL, Role.SEPARATOR)  # true special tokens, not plain template text
 MODES = ("add", "scale")
 
@@ -70,7 +76,7 @@ def default_prompts() -> list[str]:
 # ------------------------------------------------------------------------------- feature discovery
 @torch.no_grad()
 def special_token_features(sae: Any, cache: ActivationCache, *, top_k: int = 5, layer: int | None = None,
-                           block_tokens: int = 4096) -> list[dict]:
+                           block_tokens: int = 4096, token_ranges: list[tuple[int, int]] | None = None) -> list[dict]:
     """Per special-token id: its top ``top_k`` features by average (over samples) max activation.
 
     One streaming pass; only special-token rows are encoded. A sample is a doc id when doc ids are
@@ -86,6 +92,13 @@ def special_token_features(sae: Any, cache: ActivationCache, *, top_k: int = 5, 
         return []
     docs = cache.doc_ids().astype(np.int64)
     sample = docs if np.all(np.diff(docs) >= 0) else cache.sequence_of_token().astype(np.int64)
+    if token_ranges is not None:  # only these tokens count (e.g. the held-out eval sequences)
+        inside = np.zeros(len(special), dtype=bool)
+        for a, b in token_ranges:
+            inside[a:b] = True
+        special &= inside
+        if not special.any():
+            return []
     token_set = np.unique(ids[special])
     slot_of = {int(t): i for i, t in enumerate(token_set)}
     d_sae = int(sae.cfg["d_sae"])
@@ -102,6 +115,8 @@ def special_token_features(sae: Any, cache: ActivationCache, *, top_k: int = 5, 
     for start, chunk in cache.iter_chunks(layer):
         stop = start + chunk.shape[0]
         rows = np.flatnonzero(special[start:stop])
+        if not len(rows) and not len(pending_keys):
+            continue
         keys, maxima = pending_keys, pending_max
         for lo in range(0, len(rows), block_tokens):
             r = rows[lo:lo + block_tokens]
@@ -163,6 +178,20 @@ class SteeringSpec:
     mode: str = "add"
     sae: Any = None
     feature: int | None = None
+
+
+def steering_direction(sae: Any, feature: int, kind: str = "unit") -> torch.Tensor:
+    """Feature ``feature``'s decoder direction: unit-norm W_dec[k] / ‖W_dec[k]‖ (the paper's d_k), or the
+    folded checkpoint row as stored (``raw_folded``, whose norm depends on the training normalisation)."""
+    if kind not in DIRECTIONS:
+        raise EvalError(f"steering direction {kind!r}: expected one of {DIRECTIONS}")
+    row = sae.W_dec[feature].detach().float()
+    if kind == "raw_folded":
+        return row
+    norm = float(row.norm())
+    if norm == 0:
+        raise EvalError(f"feature {feature} has a zero decoder row; it has no direction to steer along")
+    return row / norm
 
 
 @contextmanager
@@ -229,8 +258,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _markdown(summary: dict, rows: list[dict]) -> str:
-    lines = [f"# Special-token intervention: {summary['sae']}", "",
-             f"model `{summary['model']}`, layer {summary['layer']}, mode `{summary['mode']}`, positions "
+    judge = summary["judge"]
+    note = [f"**Reply scores {judge['note']}**", ""] if judge and not judge.get("scores_meaningful", True) else []
+    lines = [f"# Special-token intervention: {summary['sae']}", "", *note,
+             f"model `{summary['model']}`, layer {summary['layer']}, mode `{summary['mode']}`, direction "
+             f"`{summary.get('direction')}`, positions "
              f"`{summary['positions']}`, {summary['n_prompts']} prompts, greedy, max_new_tokens "
              f"{summary['max_new_tokens']}, judge: {summary['judge']['model'] if summary['judge'] else 'none'}", "",
              f"Unmodified model: mean quality {summary['unmodified_mean_score']}", "",
@@ -254,64 +286,68 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_intervention(sae_dir: Path, cache_path: Path, out_dir: Path, *, prompts: list[str] | None = None,
-                     alphas: tuple = (0, 15, 25, 50), n_features: int = 1, positions: str = "all",
-                     max_new_tokens: int = 48, judge: JudgeConfig | None = None, features: list[int] | None = None,
-                     mode: str = "add", top_k: int = 5, model_id: str | None = None,
-                     model: tuple[Any, Any] | None = None, device: str = "cpu") -> dict:
-    """Run the experiment described in the module docstring; ``model`` may pass a loaded (model, tokenizer),
-    else the model is loaded on ``device``.
+@dataclass
+class InterventionPlan:
+    """What one intervention run steers with, fixed before any generation."""
 
-    ``model_id`` defaults to the cache's model (the one the SAE was trained on). Returns a JSON-safe
-    summary with ``rows`` (feature, alpha, mean_score, delta_vs_unmodified, replies ...),
-    ``unmodified_mean_score``, ``special_token_features`` and ``files``.
-    """
-    t0 = time.time()
-    sae_dir, cache_path, out_dir = Path(sae_dir), Path(cache_path), Path(out_dir)
-    if positions not in POSITIONS or mode not in MODES:
-        raise EvalError(f"positions {positions!r} / mode {mode!r}: expected one of {POSITIONS} / {MODES}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cache = ActivationCache.open(cache_path)
-    sae = load_sae(sae_dir)
+    layer: int
+    table: list[dict]  # special_token_features
+    features: list[int]
+    prompts: list[str]
+    direction: str
+    special_ids: tuple[int, ...]
+
+
+def plan_intervention(sae: Any, cache: ActivationCache, *, prompts: list[str] | None, n_features: int,
+                      features: list[int] | None, top_k: int, direction: str, tokenizer: Any,
+                      token_ranges: list[tuple[int, int]] | None) -> InterventionPlan:
+    """Feature discovery (or the given features), checked, with the prompts and special ids to use."""
+    if direction not in DIRECTIONS:
+        raise EvalError(f"steering direction {direction!r}: expected one of {DIRECTIONS}")
     layer = sae_layer(sae, cache)
-    table = special_token_features(sae, cache, top_k=top_k, layer=layer)
+    table = special_token_features(sae, cache, top_k=top_k, layer=layer, token_ranges=token_ranges)
     chosen = [int(f) for f in features] if features else pick_features(table, n_features)
     if not chosen:
-        raise EvalError(f"{cache_path}: no feature fires on a special-token position; pass features explicitly")
+        raise EvalError(f"{cache.path}: no feature fires on a special-token position of the eval tokens; "
+                        f"pass features explicitly")
     for f in chosen:
         if not 0 <= f < sae.d_sae:
             raise EvalError(f"feature {f} outside 0..{sae.d_sae - 1}")
-    prompts = list(prompts) if prompts else default_prompts()
+    special_ids = tuple(sorted(set(cache.meta.special_token_ids) | set(tokenizer.all_special_ids)))
+    return InterventionPlan(layer=layer, table=table, features=chosen,
+                            prompts=list(prompts) if prompts else default_prompts(), direction=direction,
+                            special_ids=special_ids)
 
-    model_id = model_id or cache.meta.model_id
-    if model is None:
-        lm, tok = load_model(model_id, device=device), load_tokenizer(model_id)
-    else:
-        lm, tok = model
-    sae = sae.to(lm.device)  # the steering hook (scale mode) encodes on the model's device
-    if int(lm.config.get_text_config().hidden_size) != sae.d_in:
-        raise EvalError(f"model {model_id!r} has d_model {lm.config.get_text_config().hidden_size}, SAE d_in {sae.d_in}")
-    special_ids = tuple(sorted(set(cache.meta.special_token_ids) | set(tok.all_special_ids)))
 
+def generate_all(lm: Any, tok: Any, sae: Any, plan: InterventionPlan, alphas: Sequence[float], positions: str,
+                 mode: str, max_new_tokens: int) -> tuple[list[dict], list[dict]]:
+    """Unmodified replies, then one row per (feature, alpha) of steered replies."""
     unmodified = []
-    for p in prompts:
+    for p in plan.prompts:
         text, ids = generate_reply(lm, tok, p, max_new_tokens)
         unmodified.append({"prompt": p, "reply": text, "token_ids": ids})
     rows = []
-    for f in chosen:
+    for f in plan.features:
+        direction = steering_direction(sae, f, plan.direction if mode == "add" else "raw_folded")
         for alpha in alphas:
-            spec = SteeringSpec(layer=layer, direction=sae.W_dec[f].detach(), alpha=float(alpha), positions=positions,
-                                special_ids=special_ids, mode=mode, sae=sae, feature=f)
+            spec = SteeringSpec(layer=plan.layer, direction=direction, alpha=float(alpha), positions=positions,
+                                special_ids=plan.special_ids, mode=mode, sae=sae, feature=f)
             replies = []
             with steering(lm, spec):
-                for p, base in zip(prompts, unmodified):
+                for p, base in zip(plan.prompts, unmodified):
                     text, ids = generate_reply(lm, tok, p, max_new_tokens)
                     replies.append({"prompt": p, "reply": text, "token_ids": ids,
                                     "identical_to_unmodified": ids == base["token_ids"]})
             rows.append({"feature": f, "alpha": float(alpha), "replies": replies,
                          "n_identical_to_unmodified": sum(r["identical_to_unmodified"] for r in replies)})
+    return unmodified, rows
 
-    backend_calls = 0
+
+def judge_replies(judge: JudgeConfig | None, lm: Any, tok: Any, model_id: str, out_dir: Path,
+                  unmodified: list[dict], rows: list[dict]) -> tuple[float | None, int]:
+    """Score every reply 1-10 (when a judge is given); fills ``score``/``reason`` in place and the rows'
+    means. Returns the unmodified mean score and the number of backend calls."""
+    calls = 0
     if judge is not None:
         reuse = judge.backend == "local" and judge.model == model_id
         backend = make_backend(judge, **({"model": lm, "tokenizer": tok} if reuse else {}))
@@ -321,20 +357,54 @@ def run_intervention(sae_dir: Path, cache_path: Path, out_dir: Path, *, prompts:
             out = ask(backend, reply_cache, prompt, prompt.messages(instruction=item["prompt"], reply=item["reply"]),
                       parse_quality, judge.retries, QUALITY_FORM)
             item["score"], item["reason"], item["judge_replies"] = out.value, out.reason, out.replies
-        backend_calls = backend.calls
+        calls = backend.calls
     base_mean = _mean([r["score"] for r in unmodified if r.get("score") is not None])
     for row in rows:
         scores = [r["score"] for r in row["replies"] if r.get("score") is not None]
         row["n_scored"], row["mean_score"] = len(scores), _mean(scores)
         row["delta_vs_unmodified"] = (None if row["mean_score"] is None or base_mean is None
                                       else row["mean_score"] - base_mean)
+    return base_mean, calls
 
-    summary = {"sae": str(sae_dir), "cache": str(cache_path), "model": model_id, "layer": layer, "mode": mode,
-               "positions": positions, "alphas": [float(a) for a in alphas], "features": chosen,
-               "max_new_tokens": max_new_tokens, "n_prompts": len(prompts), "prompts": prompts,
-               "special_ids": list(special_ids), "judge": judge.describe() if judge else None,
-               "judge_prompt": QUALITY_PROMPT if judge else None, "judge_backend_calls": backend_calls,
-               "special_token_features": table, "unmodified": unmodified,
+
+def run_intervention(sae: Any, cache: ActivationCache | Path, out_dir: Path, *, prompts: list[str] | None = None,
+                     alphas: tuple = (0, 15, 25, 50), n_features: int = 1, positions: str = "all",
+                     max_new_tokens: int = 48, judge: JudgeConfig | None = None, features: list[int] | None = None,
+                     mode: str = "add", direction: str = "unit", top_k: int = 5, model_id: str | None = None,
+                     model: tuple[Any, Any] | None = None, device: str = "cpu",
+                     token_ranges: list[tuple[int, int]] | None = None, name: str | None = None) -> dict:
+    """Run the experiment described in the module docstring on a loaded SAE (or its folder) and an opened
+    cache (or its path); ``model`` may pass a loaded (model, tokenizer), else the model is loaded on
+    ``device``; ``token_ranges`` restricts feature discovery to those cache tokens.
+
+    ``model_id`` defaults to the cache's model (the one the SAE was trained on). Returns a JSON-safe
+    summary with ``rows`` (feature, alpha, mean_score, delta_vs_unmodified, replies ...),
+    ``unmodified_mean_score``, ``special_token_features`` and ``files``.
+    """
+    t0 = time.time()
+    if positions not in POSITIONS or mode not in MODES:
+        raise EvalError(f"positions {positions!r} / mode {mode!r}: expected one of {POSITIONS} / {MODES}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache if isinstance(cache, ActivationCache) else ActivationCache.open(cache)
+    label = name or str(sae)
+    sae = sae if isinstance(sae, LoadedSAE) else load_sae(Path(sae))
+    model_id = model_id or cache.meta.model_id
+    lm, tok = model if model is not None else (load_model(model_id, device=device), load_tokenizer(model_id))
+    if int(lm.config.get_text_config().hidden_size) != sae.d_in:
+        raise EvalError(f"model {model_id!r} has d_model {lm.config.get_text_config().hidden_size}, SAE d_in {sae.d_in}")
+    plan = plan_intervention(sae, cache, prompts=prompts, n_features=n_features, features=features, top_k=top_k,
+                             direction=direction, tokenizer=tok, token_ranges=token_ranges)
+    sae = sae.to(lm.device)  # the steering hook (scale mode) encodes on the model's device
+    unmodified, rows = generate_all(lm, tok, sae, plan, alphas, positions, mode, max_new_tokens)
+    base_mean, calls = judge_replies(judge, lm, tok, model_id, out_dir, unmodified, rows)
+    summary = {"sae": label, "cache": str(cache.path), "model": model_id, "layer": plan.layer, "mode": mode,
+               "direction": plan.direction if mode == "add" else None, "positions": positions,
+               "alphas": [float(a) for a in alphas], "features": plan.features, "max_new_tokens": max_new_tokens,
+               "n_prompts": len(plan.prompts), "prompts": plan.prompts, "special_ids": list(plan.special_ids),
+               "discovery_token_ranges": [list(r) for r in token_ranges] if token_ranges is not None else None,
+               "judge": judge.describe() if judge else None, "judge_prompt": QUALITY_PROMPT if judge else None,
+               "judge_backend_calls": calls, "special_token_features": plan.table, "unmodified": unmodified,
                "unmodified_mean_score": base_mean, "rows": rows}
     json_file, md_file = out_dir / "intervention.json", out_dir / "intervention.md"
     json_file.write_text(json.dumps(summary, indent=1, ensure_ascii=False))

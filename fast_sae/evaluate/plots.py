@@ -41,9 +41,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+FRONTIER_X = "reconstruction.subsets_no_prefix.all.l0"  # the headline token filter (report.HEADLINE)
+FRONTIER_Y = "reconstruction.subsets_no_prefix.special.log2_mse"
+
+
 def mse_l0_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    pts = [r for r in rows if _finite(_get(r, "reconstruction.subsets.all.l0"))
-           and _finite(_get(r, "reconstruction.subsets.all.log2_mse"))]
+    """log2 MSE_st against L0 on the headline tokens, one line per (regime, architecture, eval data)."""
+    pts = [r for r in rows if _finite(_get(r, FRONTIER_X)) and _finite(_get(r, FRONTIER_Y))]
     if not pts:
         return None
     layers = sorted({r["layer"] for r in pts})
@@ -54,17 +58,17 @@ def mse_l0_frontier(rows: list[dict[str, Any]], path: Path) -> Path | None:
             if r["layer"] == layer:
                 series[(r["regime"], r["architecture"], r.get("eval_regime"))].append(r)
         for (regime, arch, ev), rs in sorted(series.items(), key=lambda kv: str(kv[0])):
-            rs = sorted(rs, key=lambda r: _get(r, "reconstruction.subsets.all.l0"))
-            x = [max(_get(r, "reconstruction.subsets.all.l0"), 1e-3) for r in rs]
-            y = [_get(r, "reconstruction.subsets.all.log2_mse") for r in rs]
+            rs = sorted(rs, key=lambda r: _get(r, FRONTIER_X))
+            x = [max(_get(r, FRONTIER_X), 1e-3) for r in rs]
+            y = [_get(r, FRONTIER_Y) for r in rs]
             color = REGIME_COLORS.get(regime, "black")
             ax.plot(x, y, marker=ARCH_MARKERS.get(arch, "x"), color=color,
                     markerfacecolor=color if ev in (regime, None) else "none",  # hollow: scored off-regime
                     label=f"{regime} {arch} (eval {ev})", linestyle="-" if len(rs) > 1 else "none")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short log ranges
-        ax.set_xlabel("L0 (active features per token)")
-        ax.set_ylabel("log2 MSE (eq. 7)")
+        ax.set_xlabel("L0 ★ (active features per token)")
+        ax.set_ylabel("log2 MSE_st ★ (eq. 7)")
         ax.set_title(f"MSE–L0 frontier, layer {layer}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -142,12 +146,15 @@ def score_bands(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def write_plots(rows: list[dict[str, Any]], folder: Path) -> dict[str, str]:
-    """Every figure that has data; returns name -> file path."""
+    """Every figure that has data; returns name -> file path. Judge score bands only when meaningful."""
+    from .report import judge_meaningful
+
     folder.mkdir(parents=True, exist_ok=True)
     made = {
         "mse_l0_frontier": mse_l0_frontier(rows, folder / "mse_l0_frontier.png"),
-        "mse_by_regime": metric_by_regime(rows, folder / "mse_by_regime.png"),
+        "mse_by_regime": metric_by_regime(rows, folder / "mse_by_regime.png", (
+            ("log2 MSE_st ★", FRONTIER_Y), ("log2 MSE_st all tokens", "reconstruction.subsets.special.log2_mse"))),
         "feature_density": density_histogram(rows, folder / "feature_density.png"),
-        "score_bands": score_bands(rows, folder / "score_bands.png"),
+        "score_bands": score_bands(rows, folder / "score_bands.png") if judge_meaningful(rows) else None,
     }
     return {k: str(v) for k, v in made.items() if v is not None}

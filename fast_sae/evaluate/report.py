@@ -16,6 +16,14 @@ REPORT_FORMAT = "fast-sae-eval/1"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
+HEADLINE = "subsets_no_prefix"  # reconstruction.<HEADLINE>.<subset>: the token filter the tables lead with
+HEADLINE_WHY = ("Headline (★): every token except position 0 and the token prefix that every eval sequence shares "
+                "(reconstruction.subsets_no_prefix). Why: position 0 is an attention sink whose norm (~25,000 "
+                "against a median of ~175 on the embedded model) makes it carry almost all of Σ‖x‖², and the "
+                "shared prefix (the template's default system prompt) has the same activation in every sequence, "
+                "training and held-out alike; metrics that include them measure a handful of fixed vectors. "
+                "The all-token figures stand beside them. Definitions: docs/metrics.md.")
+
 # (header, dotted path in a row, format) of the main table.
 MAIN_COLUMNS: list[tuple[str, str, str]] = [
     ("SAE", "name", "s"),
@@ -24,19 +32,30 @@ MAIN_COLUMNS: list[tuple[str, str, str]] = [
     ("arch", "architecture", "s"),
     ("d_sae", "d_sae", "d"),
     ("layer", "layer", "d"),
-    ("L0", "reconstruction.subsets.all.l0", ".1f"),
-    ("log2 MSE", "reconstruction.subsets.all.log2_mse", ".3f"),
-    ("log2 MSE_st", "reconstruction.subsets.special.log2_mse", ".3f"),
-    ("log2 MSE content", "reconstruction.subsets.content.log2_mse", ".3f"),
-    ("FVE", "reconstruction.subsets.all.explained_variance", ".4f"),
-    ("FVE content", "reconstruction.subsets.content.explained_variance", ".4f"),
+    ("L0 ★", f"reconstruction.{HEADLINE}.all.l0", ".1f"),
+    ("log2 MSE ★", f"reconstruction.{HEADLINE}.all.log2_mse", ".3f"),
+    ("log2 MSE_st ★", f"reconstruction.{HEADLINE}.special.log2_mse", ".3f"),
+    ("log2 MSE content ★", f"reconstruction.{HEADLINE}.content.log2_mse", ".3f"),
+    ("FVE ★", f"reconstruction.{HEADLINE}.all.explained_variance", ".4f"),
+    ("L0 all tok.", "reconstruction.subsets.all.l0", ".1f"),
+    ("log2 MSE all tok.", "reconstruction.subsets.all.log2_mse", ".3f"),
+    ("log2 MSE_st all tok.", "reconstruction.subsets.special.log2_mse", ".3f"),
     ("dead %", "reconstruction.dead_fraction", "%"),
-    ("dense %", "reconstruction.dense_fraction", "%"),
-    ("ΔCE %", "downstream.delta_loss_pct", "+.2f"),
-    ("loss rec.", "downstream.loss_recovered", ".3f"),
-    ("KL", "downstream.kl_spliced", ".4f"),
-    ("top band %", "interpretability.scores.top_range_share", "%"),
+    ("ΔCE % ★", "downstream.filters.no_prefix.delta_loss_pct", "+.2f"),
+    ("loss rec. ★", "downstream.filters.no_prefix.loss_recovered", ".3f"),
+    ("ΔCE % all tok.", "downstream.delta_loss_pct", "+.2f"),
+    ("KL all tok.", "downstream.kl_spliced", ".4f"),
+    ("plateaued", "training.plateaued", "s"),
 ]
+JUDGE_COLUMN = ("top band %", "interpretability.scores.top_range_share", "%")
+
+# per token filter: the subsets people compare
+FILTERS = [("★ no prefix", "subsets_no_prefix"), ("no pos 0", "subsets_no_pos0"), ("all tokens", "subsets")]
+SUBSET_COLUMNS: list[tuple[str, str, str]] = [("SAE", "name", "s"), ("eval on", "eval_regime", "s")] + [
+    (f"{label}: {what}", f"reconstruction.{key}.{path}", f) for label, key in FILTERS
+    for what, path, f in (("L0", "all.l0", ".1f"), ("log2 MSE_st", "special.log2_mse", ".3f"),
+                          ("log2 MSE content", "content.log2_mse", ".3f"),
+                          ("‖x‖ outliers", "all.n_norm_outliers", "d"))]
 
 ROLE_COLUMNS: list[tuple[str, str, str]] = [("SAE", "name", "s"), ("eval on", "eval_regime", "s")] + [
     (f"{label} {sub}", f"reconstruction.subsets.{sub}.{key}", fmt)
@@ -45,6 +64,17 @@ ROLE_COLUMNS: list[tuple[str, str, str]] = [("SAE", "name", "s"), ("eval on", "e
                             ("L0", "l0", ".1f"))
 ] + [("log2 MSE special tokens only", "reconstruction.subsets.special_tokens.log2_mse", ".3f"),
      ("log2 MSE template tokens", "reconstruction.subsets.template.log2_mse", ".3f")]
+
+
+def judge_meaningful(rows: list[dict[str, Any]]) -> bool:
+    """Whether every judged row's scores are meaningful (False if any comes from the local embedded judge)."""
+    flags = [_get(r, "interpretability.scores.meaningful") for r in rows if _get(r, "interpretability.scores")]
+    return bool(flags) and all(f is not False for f in flags)
+
+
+def main_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The main table; judge scores only when they are meaningful (else they stay in their own section)."""
+    return MAIN_COLUMNS + ([JUDGE_COLUMN] if judge_meaningful(rows) else [])
 
 
 def _get(row: dict[str, Any], path: str) -> Any:
@@ -60,6 +90,8 @@ def fmt(value: Any, spec: str) -> str:
     """One table cell: '–' for missing or non-finite, percentages for '%'."""
     if value is None:
         return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if spec == "s":
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
@@ -133,37 +165,62 @@ def read_report(path: Path) -> dict[str, Any]:
     return report
 
 
+def _cache_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for path, info in report["caches"].items():
+        sel, docs = info.get("selection", {}), info.get("documents") or {}
+        which = "" if docs.get("docs", "all") == "all" else \
+            f", documents: {docs['docs']} (held-out share {docs.get('holdout_fraction')}, seed {docs.get('holdout_seed')})"
+        lines.append(f"- eval cache `{path}`: model {info.get('model_id')}, regime {info.get('regime')}, dataset "
+                     f"{info.get('dataset')}{which}; {sel.get('n_tokens')} tokens in {sel.get('n_sequences')} "
+                     f"sequences ({sel.get('note')}); shared token prefix {info.get('shared_prefix_length')} tokens")
+    return lines
+
+
+def _provenance_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| SAE | trained | training data | eval documents trained on | normalisation factor | from |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ov, norm, ds = r.get("training_overlap") or {}, r.get("normalization") or {}, r.get("training_dataset") or {}
+        trained_on = {"disjoint": f"0 of {ov.get('n_eval_docs')}", "overlap": f"**{ov.get('n_trained_on')} of "
+                      f"{ov.get('n_eval_docs')}**", "other dataset": "other dataset"}.get(ov.get("status"), "unknown")
+        data = f"{ds.get('name')} ({ds.get('docs', 'all')})" if ds else "unknown"
+        factor = norm.get("factor")
+        lines.append(f"| {r['name']} | {r.get('regime')} | {data} | {trained_on} | "
+                     f"{fmt(factor, '.5g') if factor is not None else '–'} ({norm.get('method', '?')}) | "
+                     f"`{norm.get('source') or '?'}` |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     rows = report["rows"]
     parts = [f"# SAE evaluation ({report['created_utc']})", ""]
-    for path, info in report["caches"].items():
-        sel = info.get("selection", {})
-        parts.append(f"- eval cache `{path}`: model {info.get('model_id')}, regime {info.get('regime')}, "
-                     f"{sel.get('n_tokens')} tokens in {sel.get('n_sequences')} sequences ({sel.get('note')})")
-    parts += ["", "## Reconstruction, sparsity, downstream loss", "",
+    overlap = [w for w in report.get("warnings", []) if w.startswith("TRAINING-DATA OVERLAP")]
+    if overlap:
+        parts += ["**WARNING: some SAEs were trained on eval documents (--allow-overlap); their figures are not "
+                  "held-out figures:**", ""] + [f"- {w}" for w in overlap] + [""]
+    parts += _cache_lines(report)
+    parts += ["", "## Reconstruction, sparsity, downstream loss", "", HEADLINE_WHY, "",
               "MSE is the paper's eq. 7 (per-sequence mean of the per-token squared error, averaged over "
               "sequences, / d_model) in log2; MSE_st on special-token positions (BOS, template special "
               "tokens, role names, separators). FVE = 1 − Σ‖x−x̂‖²/Σ‖x−mean‖² over the eval set. "
-              "ΔCE % = (spliced − clean)/clean · 100.", "", markdown_table(rows, MAIN_COLUMNS), "",
-              "## By token role", "", markdown_table(rows, ROLE_COLUMNS), ""]
+              "ΔCE % = (spliced − clean)/clean · 100; ★ downstream: the SAE replaces only the kept positions. "
+              "plateaued: the training curve's plateau criterion (docs/metrics.md).", "",
+              markdown_table(rows, main_columns(rows)), "",
+              "## By token filter", "", "‖x‖ outliers: tokens with ‖x‖ > 10× the median norm of all eval tokens.",
+              "", markdown_table(rows, SUBSET_COLUMNS), "",
+              "## By token role (all tokens)", "", markdown_table(rows, ROLE_COLUMNS), "",
+              "## Training data and normalisation", "", *_provenance_table(rows), ""]
     down = [r for r in rows if r.get("downstream")]
     if down:
         parts += ["## Downstream loss detail", "", markdown_table(down, [
             ("SAE", "name", "s"), ("eval on", "eval_regime", "s"), ("clean CE", "downstream.clean_loss", ".4f"),
             ("spliced CE", "downstream.spliced_loss", ".4f"), ("zero-abl. CE", "downstream.zero_loss", ".4f"),
             ("KL zero", "downstream.kl_zero", ".3f"), ("tokens", "downstream.n_tokens", "d"),
+            ("loss rec. no pos 0", "downstream.filters.no_pos0.loss_recovered", ".3f"),
+            ("loss rec. ★", "downstream.filters.no_prefix.loss_recovered", ".3f"),
             ("cache match err", "downstream.cache_match_rel_err", ".1e")]), ""]
-    interp = [r for r in rows if r.get("interpretability")]
-    if interp:
-        parts += ["## Interpretability (judge scores 1–5, share of scored features)", "", markdown_table(interp, [
-            ("SAE", "name", "s"), ("eval on", "eval_regime", "s"),
-            ("live features", "interpretability.n_live", "d"), ("sampled", "interpretability.n_features_sampled", "d"),
-            *[(f"score {s}", f"interpretability.scores.share.{s}", "%") for s in "12345"],
-            ("top band 4–5", "interpretability.scores.top_range_share", "%"),
-            ("mean", "interpretability.scores.mean_score", ".2f"),
-            ("scored", "interpretability.scores.n_scored", "d")]), ""]
-        dashboards = [(r["name"], _get(r, "interpretability.files.dashboard")) for r in interp]
-        parts += [f"- {n}: dashboard `{d}`" for n, d in dashboards if d] + [""]
+    parts += _interpretability_section(rows)
     iv = [r for r in rows if r.get("intervention")]
     if iv:
         parts += ["## Special-token intervention", ""]
@@ -176,3 +233,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("warnings"):
         parts += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     return "\n".join(parts)
+
+
+def _interpretability_section(rows: list[dict[str, Any]]) -> list[str]:
+    interp = [r for r in rows if r.get("interpretability")]
+    if not interp:
+        return []
+    judged = any(_get(r, "interpretability.scores") for r in interp)
+    title = "## Interpretability (held-out eval sequences only)"
+    parts = [title, ""]
+    if judged and not judge_meaningful(interp):
+        note = next((_get(r, "interpretability.judge.note") for r in interp if _get(r, "interpretability.judge.note")),
+                    "not meaningful")
+        parts += [f"**Judge scores {note}. They are listed for completeness, not as a result.**", ""]
+    cols = [("SAE", "name", "s"), ("eval on", "eval_regime", "s"), ("live features", "interpretability.n_live", "d"),
+            ("tokens read", "interpretability.n_tokens", "d")]
+    if judged:
+        cols += [("sampled", "interpretability.n_features_sampled", "d"),
+                 *[(f"score {s}", f"interpretability.scores.share.{s}", "%") for s in "12345"],
+                 ("top band 4–5", "interpretability.scores.top_range_share", "%"),
+                 ("mean", "interpretability.scores.mean_score", ".2f"),
+                 ("scored", "interpretability.scores.n_scored", "d")]
+    parts += [markdown_table(interp, cols), ""]
+    dashboards = [(r["name"], _get(r, "interpretability.files.dashboard")) for r in interp]
+    return parts + [f"- {n}: dashboard `{d}`" for n, d in dashboards if d] + [""]

@@ -2,8 +2,9 @@
 intervention -> report.json, report.md, plots.
 
 Why a function apart from the CLI: tests and notebooks call it with a dataclass config; the CLI
-only parses flags into that config and prints. All inputs are checked before any long pass runs,
-so a bad SAE folder or a mismatched cache fails in a second, not after an hour.
+only parses flags into that config and prints. All inputs are checked before any long pass runs
+(``_plan``), so a bad SAE folder, a mismatched cache or an SAE trained on the eval documents fails
+in a second, not after an hour. Loaded SAEs and opened caches are passed on, never reopened.
 """
 from __future__ import annotations
 
@@ -20,12 +21,14 @@ import numpy as np
 from fast_sae.actcache import ActivationCache
 from fast_sae.options import setting
 
+from .curves import training_summary
 from .downstream import DownstreamConfig, evaluate_downstream
 from .errors import EvalError
 from .interpret.config import JudgeConfig
 from .plots import write_plots
-from .reconstruction import ReconstructionConfig, evaluate_reconstruction
-from .report import MAIN_COLUMNS, markdown_table, new_report, write_report
+from .provenance import cache_dataset, check_overlap, eval_documents, training_facts
+from .reconstruction import HEADLINE_FILTER, ReconstructionConfig, evaluate_reconstruction, shared_prefix_length
+from .report import main_columns, markdown_table, new_report, write_report
 from .sources import EvalSelection, SAEEntry, check_against_cache, choose_eval_sequences, load_entries, parse_range
 
 
@@ -69,6 +72,9 @@ class InterventionSettings:
     features: list[int] | None = setting(None, help="Feature ids [default: discovered].")
     positions: str = setting("all", choices=("all", "special"), help="Where to steer.")
     mode: str = setting("add", choices=("add", "scale"), help="Add alpha x decoder direction, or scale the feature.")
+    direction: str = setting("unit", choices=("unit", "raw_folded"),
+                             help="add mode: the unit-norm decoder direction (the paper's d_k), or the folded "
+                                  "checkpoint row as stored (its norm depends on the training normalisation).")
     max_new_tokens: int = setting(48, help="Reply length.")
     prompts: list[str] | None = setting(None, flag="prompts-file", parse=read_prompts, metavar="FILE",
                                         help="Intervention prompts: a JSON list or one per line "
@@ -88,6 +94,8 @@ class EvalConfig:
     eval_range: tuple[int, int] | None = setting(None, parse=parse_range, metavar="START:STOP",
                                                  help="Use exactly these sequences of the eval cache (overrides "
                                                       "the held-out rule).")
+    allow_overlap: bool = setting(False, help="Evaluate even when an SAE was trained on some of the eval documents "
+                                              "(refused otherwise); the report then carries a loud warning.")
     model: str | None = setting(None, help="Model for downstream/intervention [default: the cache's model_id].")
     device: str = setting("auto", help="auto, cpu, cuda, cuda:1 ...")
     plots: bool = setting(True, help="Write PNG plots.")
@@ -146,14 +154,142 @@ def _intervention_brief(summary: dict[str, Any]) -> dict[str, Any]:
                                    "n_identical_to_unmodified")} | {"n_replies": len(r.get("replies", []))}
             for r in summary.get("rows", [])]
     lines = ["| feature | alpha | mean score | Δ vs unmodified | identical to unmodified |", "|---|---|---|---|---|"]
-    f = (lambda v: "–" if v is None else f"{v:.2f}")
+
+    def f(v: float | None) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
     lines += [f"| {r['feature']} | {r['alpha']:g} | {f(r['mean_score'])} | {f(r['delta_vs_unmodified'])} | "
               f"{r['n_identical_to_unmodified']}/{r['n_replies']} |" for r in rows]
+    judge = summary.get("judge") or {}
+    note = f"**Reply scores {judge['note']}**\n\n" if judge and not judge.get("scores_meaningful", True) else ""
     return {"rows": rows, "unmodified_mean_score": summary.get("unmodified_mean_score"),
             "features": summary.get("features"), "layer": summary.get("layer"), "mode": summary.get("mode"),
-            "positions": summary.get("positions"), "judge": summary.get("judge"), "files": summary.get("files"),
-            "seconds": summary.get("seconds"),
-            "table_markdown": f"unmodified mean score: {f(summary.get('unmodified_mean_score'))}\n\n" + "\n".join(lines)}
+            "direction": summary.get("direction"), "positions": summary.get("positions"), "judge": summary.get("judge"),
+            "files": summary.get("files"), "seconds": summary.get("seconds"),
+            "table_markdown": note + f"unmodified mean score: {f(summary.get('unmodified_mean_score'))}\n\n"
+                              + "\n".join(lines)}
+
+
+@dataclass
+class CachePlan:
+    """One eval cache and what is read of it, fixed (and checked) before any long pass."""
+
+    cache: ActivationCache
+    label: str
+    selection: EvalSelection  # the reconstruction/downstream tokens (capped)
+    held_out: EvalSelection  # every eval sequence (uncapped): interpretability and feature discovery
+    prefix_length: int  # the shared token prefix of the selected sequences
+    overlap: dict[str, dict[str, Any]]  # SAE name -> check_overlap finding
+
+    def describe(self) -> dict[str, Any]:
+        c = self.cache
+        return {"label": self.label, "model_id": c.meta.model_id, "regime": c.meta.regime, "n_tokens": c.n_tokens,
+                "n_sequences": c.meta.n_sequences, "dataset": c.meta.dataset,
+                "dataset_fingerprint": c.meta.dataset_fingerprint, "documents": cache_dataset(c),
+                "selection": self.selection.describe(), "held_out_sequences": int(len(self.held_out.sequences)),
+                "shared_prefix_length": self.prefix_length}
+
+
+def _overlap_line(entry: SAEEntry, cache: ActivationCache, finding: dict[str, Any]) -> str:
+    return (f"{entry.path}: {finding['note']} of {cache.path} (dataset {finding['eval_dataset']!r}); evaluate on "
+            f"held-out documents (harvest --docs holdout) or pass --allow-overlap")
+
+
+def _plan(cfg: EvalConfig, entries: list[SAEEntry]) -> tuple[list[CachePlan], list[str]]:
+    """Open and check every cache, choose its eval sequences, refuse training-data overlap (unless allowed)."""
+    caches = [ActivationCache.open(p) for p in cfg.caches]
+    for cache in caches:
+        for e in entries:
+            check_against_cache(e, cache)  # --model only changes what is loaded
+    plans, warnings = [], []
+    for cache, label in zip(caches, _cache_labels(caches)):
+        sel = choose_eval_sequences(entries, cache, explicit=cfg.eval_range, max_tokens=cfg.max_eval_tokens)
+        held = choose_eval_sequences(entries, cache, explicit=cfg.eval_range, max_tokens=None)
+        docs = eval_documents(cache, held)
+        findings = {e.name: check_overlap(e, cache, docs) for e in entries}
+        for e in entries:
+            finding = findings[e.name]
+            if finding["status"] == "overlap":
+                if not cfg.allow_overlap:
+                    raise EvalError(_overlap_line(e, cache, finding))
+                warnings.append("TRAINING-DATA OVERLAP (--allow-overlap): " + _overlap_line(e, cache, finding))
+            elif finding["status"] == "unknown":
+                warnings.append(f"{e.name}: cannot check that it was not trained on the eval documents of "
+                                f"{cache.path}: {finding['note']}")
+        prefix = shared_prefix_length(cache.token_ids(), sel.seq_starts, sel.sequences)
+        plans.append(CachePlan(cache, label, sel, held, prefix, findings))
+        # the document check settles what the regime heuristic of the sequence choice could only guess
+        settled = [f"{e.name}: " for e in entries if findings[e.name]["status"] in ("disjoint", "other dataset")]
+        warnings += [w for w in sel.warnings if not w.startswith(tuple(settled))]
+    return plans, warnings
+
+
+def _load_models(cfg: EvalConfig, plans: list[CachePlan], models: dict[str, tuple[Any, Any]] | None,
+                 log: Callable[[str], None]) -> dict[str, tuple[Any, Any]]:
+    """The models downstream loss / intervention need, loaded now: a bad model id fails before any pass."""
+    models = dict(models or {})
+    if not (cfg.downstream.enabled or cfg.intervention.enabled):
+        return models
+    for model_id in dict.fromkeys(cfg.model or p.cache.meta.model_id for p in plans):
+        if model_id not in models:
+            models[model_id] = _load_model(model_id, cfg.device, log)
+    for p in plans:
+        model_id = cfg.model or p.cache.meta.model_id
+        hidden = int(models[model_id][0].config.get_text_config().hidden_size)
+        if hidden != p.cache.d_model:
+            raise EvalError(f"model {model_id!r} has d_model {hidden}, cache {p.cache.path} has {p.cache.d_model}")
+    return models
+
+
+def _settings(cfg: EvalConfig, plans: list[CachePlan]) -> dict[str, Any]:
+    return {"saes": [str(p) for p in cfg.saes], "caches": [str(p.cache.path) for p in plans],
+            "max_eval_tokens": cfg.max_eval_tokens, "eval_range": cfg.eval_range, "allow_overlap": cfg.allow_overlap,
+            "reconstruction": asdict(cfg.reconstruction),
+            "downstream": asdict(cfg.downstream) if cfg.downstream.enabled else None, "model": cfg.model,
+            "interpret": asdict(cfg.interpret) if cfg.interpret.enabled else None,
+            "intervention": asdict(cfg.intervention) if cfg.intervention.enabled else None,
+            "judge": cfg.active_judge.describe() if cfg.active_judge else None,
+            "headline_filter": HEADLINE_FILTER}
+
+
+def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n_caches: int,
+                    models: dict[str, tuple[Any, Any]], report: dict[str, Any],
+                    log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Reconstruction (and downstream loss) of every SAE on one eval cache: one row per SAE."""
+    cache, sel = plan.cache, plan.selection
+    log(f"{cache.path} ({plan.label}): {sel.n_tokens} eval tokens in {len(sel.sequences)} sequences — {sel.note}; "
+        f"shared prefix {plan.prefix_length} tokens")
+    freq_dir = cfg.out / "feature_frequency"
+    freq_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for layer in sorted({e.layer for e in entries}):
+        group = [e for e in entries if e.layer == layer]
+        results = evaluate_reconstruction({e.name: e.sae for e in group}, cache, layer, sel, cfg.reconstruction)
+        for e in group:
+            rid = _row_id(e, plan.label, n_caches)
+            res = results[e.name]
+            freq_file = freq_dir / f"{_safe(rid)}.npy"
+            np.save(freq_file, res.feature_frequency.astype(np.float32))
+            facts = training_facts(e)
+            rows[e.name] = {"row_id": rid, **e.describe(), "eval_cache": str(cache.path),
+                            "eval_regime": cache.meta.regime, "eval_label": plan.label,
+                            "eval_tokens": sel.n_tokens, "eval_sequences": int(len(sel.sequences)),
+                            "training_overlap": plan.overlap[e.name], "normalization": facts.normalization,
+                            "training_dataset": facts.dataset, "training": training_summary(e.path),
+                            "reconstruction": res.to_dict() | {"feature_frequency_file": str(freq_file)},
+                            "downstream": None, "interpretability": None, "intervention": None}
+    if cfg.downstream.enabled:
+        model_id = cfg.model or cache.meta.model_id
+        down = evaluate_downstream(models[model_id][0], {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
+                                   cfg.downstream, prefix_length=plan.prefix_length)
+        for name, res in down.items():
+            rows[name]["downstream"] = res.to_dict() | {"model": model_id}
+            err = res.to_dict()["cache_match_rel_err"]
+            if err > 0.05:
+                report["warnings"].append(
+                    f"{cache.path} layer {res.layer}: the model's block output differs from the cached "
+                    f"activations by {err:.2g} (relative); wrong model or layer indexing?")
+    return rows
 
 
 def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
@@ -166,122 +302,60 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     if not cfg.caches:
         raise EvalError("no cache given: pass --cache (the training cache) or --eval-cache")
     entries = load_entries(cfg.saes, device=cfg.device)
-    caches = [ActivationCache.open(p) for p in cfg.caches]
-    for cache in caches:  # all checks first: fail before any long pass
-        for e in entries:
-            check_against_cache(e, cache)  # --model only changes what is loaded
-    labels = _cache_labels(caches)
-    models = dict(models or {})
-    if cfg.downstream.enabled or cfg.intervention.enabled:  # load now: a bad model id fails before any pass
-        for model_id in dict.fromkeys(cfg.model or c.meta.model_id for c in caches):
-            if model_id not in models:
-                models[model_id] = _load_model(model_id, cfg.device, log)
-        for cache in caches:
-            model_id = cfg.model or cache.meta.model_id
-            hidden = int(models[model_id][0].config.get_text_config().hidden_size)
-            if hidden != cache.d_model:
-                raise EvalError(f"model {model_id!r} has d_model {hidden}, cache {cache.path} has {cache.d_model}")
-    settings = {"saes": [str(p) for p in cfg.saes], "caches": [str(c.path) for c in caches],
-                "max_eval_tokens": cfg.max_eval_tokens, "eval_range": cfg.eval_range,
-                "reconstruction": asdict(cfg.reconstruction),
-                "downstream": asdict(cfg.downstream) if cfg.downstream.enabled else None, "model": cfg.model,
-                "interpret": asdict(cfg.interpret) if cfg.interpret.enabled else None,
-                "intervention": asdict(cfg.intervention) if cfg.intervention.enabled else None,
-                "judge": cfg.active_judge.describe() if cfg.active_judge else None}
-    report = new_report(sys.argv, settings)
-    rows: list[dict[str, Any]] = []
-    rows_by_cache: dict[str, dict[str, dict[str, Any]]] = {}
-    freq_dir = cfg.out / "feature_frequency"
-    freq_dir.mkdir(parents=True, exist_ok=True)
-
-    for cache, label in zip(caches, labels):
-        sel: EvalSelection = choose_eval_sequences(entries, cache, explicit=cfg.eval_range,
-                                                   max_tokens=cfg.max_eval_tokens)
-        report["warnings"] += sel.warnings
-        report["caches"][str(cache.path)] = {"label": label, "model_id": cache.meta.model_id,
-                                             "regime": cache.meta.regime, "n_tokens": cache.n_tokens,
-                                             "n_sequences": cache.meta.n_sequences,
-                                             "dataset": cache.meta.dataset,
-                                             "dataset_fingerprint": cache.meta.dataset_fingerprint,
-                                             "selection": sel.describe()}
-        log(f"{cache.path} ({label}): {sel.n_tokens} eval tokens in {len(sel.sequences)} sequences — {sel.note}")
-        cache_rows: dict[str, dict[str, Any]] = {}
-        for layer in sorted({e.layer for e in entries}):
-            group = [e for e in entries if e.layer == layer]
-            results = evaluate_reconstruction({e.name: e.sae for e in group}, cache, layer, sel, cfg.reconstruction)
-            for e in group:
-                rid = _row_id(e, label, len(caches))
-                res = results[e.name]
-                freq_file = freq_dir / f"{_safe(rid)}.npy"
-                np.save(freq_file, res.feature_frequency.astype(np.float32))
-                cache_rows[e.name] = {"row_id": rid, **e.describe(), "eval_cache": str(cache.path),
-                                      "eval_regime": cache.meta.regime, "eval_label": label,
-                                      "eval_tokens": sel.n_tokens, "eval_sequences": int(len(sel.sequences)),
-                                      "reconstruction": res.to_dict() | {"feature_frequency_file": str(freq_file)},
-                                      "downstream": None, "interpretability": None, "intervention": None}
-        if cfg.downstream.enabled:
-            model_id = cfg.model or cache.meta.model_id
-            model = models[model_id][0]
-            down = evaluate_downstream(model, {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
-                                       cfg.downstream)
-            for name, res in down.items():
-                cache_rows[name]["downstream"] = res.to_dict() | {"model": model_id}
-                err = res.to_dict()["cache_match_rel_err"]
-                if err > 0.05:
-                    report["warnings"].append(
-                        f"{cache.path} layer {res.layer}: the model's block output differs from the cached "
-                        f"activations by {err:.2g} (relative); wrong model or layer indexing?")
-        rows += [cache_rows[e.name] for e in entries]
-        rows_by_cache[str(cache.path)] = cache_rows
-
+    plans, warnings = _plan(cfg, entries)  # every check first: fail before any long pass
+    models = _load_models(cfg, plans, models, log)
+    report = new_report(sys.argv, _settings(cfg, plans))
+    report["warnings"] += warnings
+    report["caches"] = {str(p.cache.path): p.describe() for p in plans}
+    rows_by_cache = {str(p.cache.path): _evaluate_cache(cfg, entries, p, len(plans), models, report, log)
+                     for p in plans}
     if cfg.interpret.enabled:
-        _interpret(cfg, entries, caches[0], rows_by_cache[str(caches[0].path)], models, log)
+        _interpret(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], models, log)
     if cfg.intervention.enabled:
         # feature discovery needs special tokens: the first eval cache that has chat-template tokens
-        chat = next((c for c in caches if c.meta.regime != "bt-p"), caches[0])
-        _intervene(cfg, entries, chat, rows_by_cache[str(chat.path)], models, log)
-
-    report["rows"] = rows
+        chat = next((p for p in plans if p.cache.meta.regime != "bt-p"), plans[0])
+        _intervene(cfg, entries, chat, rows_by_cache[str(chat.cache.path)], models, log)
+    report["rows"] = [rows[e.name] for rows in rows_by_cache.values() for e in entries]
     if cfg.plots:
-        report["plots"] = write_plots(rows, cfg.out / "plots")
+        report["plots"] = write_plots(report["rows"], cfg.out / "plots")
     report["seconds"] = round(time.time() - t0, 2)
     write_report(report, cfg.out)
     return report
 
 
-def _interpret(cfg: EvalConfig, entries: list[SAEEntry], cache: ActivationCache, rows: dict[str, dict[str, Any]],
+def _interpret(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
                models: dict[str, tuple[Any, Any]], log: Callable[[str], None]) -> None:
-    """Top examples, judge and dashboard per SAE, on the first eval cache (judging is the costly part)."""
+    """Top examples, judge and dashboard per SAE, on the held-out sequences of the first eval cache."""
     from .interpret import run_interpretability
 
-    settings = cfg.interpret
+    settings, judge = cfg.interpret, cfg.active_judge
+    judge_model = models.get(judge.model) if judge is not None and judge.backend == "local" and judge.model else None
     for e in entries:
         row = rows[e.name]
         log(f"interpretability: {row['row_id']}")
-        judge_model = None
-        judge = cfg.active_judge
-        if judge is not None and judge.backend == "local" and judge.model:
-            judge_model = models.get(judge.model)
-        summary = run_interpretability(e.path, cache.path, cfg.out / "interpret" / _safe(row["row_id"]),
+        summary = run_interpretability(e.sae, plan.cache, cfg.out / "interpret" / _safe(row["row_id"]),
                                        n_features=settings.n_features, top_n=settings.top_n, window=settings.window,
-                                       judge=judge, seed=settings.seed, judge_model=judge_model)
+                                       judge=judge, seed=settings.seed, judge_model=judge_model,
+                                       token_ranges=plan.held_out.token_runs(), name=str(e.path))
         row["interpretability"] = {k: v for k, v in summary.items() if k != "features"}
 
 
-def _intervene(cfg: EvalConfig, entries: list[SAEEntry], cache: ActivationCache, rows: dict[str, dict[str, Any]],
+def _intervene(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
                models: dict[str, tuple[Any, Any]], log: Callable[[str], None]) -> None:
-    """The special-token steering experiment per SAE (its features are discovered on ``cache``)."""
+    """The special-token steering experiment per SAE (features discovered on the held-out eval sequences)."""
     from .intervention import run_intervention
 
     iv = cfg.intervention
-    model_id = cfg.model or cache.meta.model_id
+    model_id = cfg.model or plan.cache.meta.model_id
     for e in entries:
         row = rows[e.name]
         log(f"special-token intervention: {row['row_id']}")
-        summary = run_intervention(e.path, cache.path, cfg.out / "intervention" / _safe(row["row_id"]),
+        summary = run_intervention(e.sae, plan.cache, cfg.out / "intervention" / _safe(row["row_id"]),
                                    prompts=iv.prompts, alphas=iv.alphas, n_features=iv.n_features,
                                    positions=iv.positions, max_new_tokens=iv.max_new_tokens, judge=cfg.active_judge,
-                                   features=iv.features, mode=iv.mode, model_id=model_id, model=models.get(model_id))
+                                   features=iv.features, mode=iv.mode, direction=iv.direction, model_id=model_id,
+                                   model=models.get(model_id), token_ranges=plan.held_out.token_runs(),
+                                   name=str(e.path))
         row["intervention"] = _intervention_brief(summary)
 
 
@@ -301,4 +375,4 @@ def _safe(name: str) -> str:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    return markdown_table(report["rows"], MAIN_COLUMNS)
+    return markdown_table(report["rows"], main_columns(report["rows"]))

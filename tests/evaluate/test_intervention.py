@@ -11,6 +11,7 @@ import torch
 
 from fast_sae.actcache import ActivationCache, Role
 from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.evaluate.errors import EvalError
 from fast_sae.evaluate.interpret import JudgeConfig
 from fast_sae.evaluate.intervention import (
     SteeringSpec,
@@ -20,6 +21,7 @@ from fast_sae.evaluate.intervention import (
     run_intervention,
     special_token_features,
     steering,
+    steering_direction,
 )
 from fast_sae.lm import EMBEDDED_MODEL, decoder_layers
 from fast_sae.saeio import load_sae, save_sae
@@ -59,6 +61,10 @@ def test_special_token_features_average_max_on_known_values(tmp_path):
                   "top": [{"feature": 2, "value": 99.0}]})
     assert pick_features(table, 1) == [0]
     assert pick_features([table[-1]], 1) == [2]
+    # discovery on held-out sequences only (token ranges): doc 1 alone
+    held = special_token_features(sae, cache, top_k=2, token_ranges=[(4, 7)])
+    assert [(t["token_id"], t["n_samples"]) for t in held] == [(1, 1), (2, 1)]
+    assert held[0]["top"][0] == {"feature": 0, "value": 5.0} and held[1]["top"][0] == {"feature": 1, "value": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +131,32 @@ def test_steering_adds_exactly_alpha_times_decoder_row(embedded_model, steer_sae
     torch.testing.assert_close(ablated, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_steering_with_alpha_on_the_unit_direction_moves_the_residual_by_exactly_alpha(tmp_path, embedded_model):
+    """A folded checkpoint's decoder rows have norm 1/s (here 7); the paper's d_k is unit-norm."""
+    model, tok = embedded_model
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(1)
+    w_dec = torch.randn(4, d, generator=g)
+    w_dec = 7.0 * w_dec / w_dec.norm(dim=1, keepdim=True)
+    sae = load_sae(save_sae(tmp_path / "folded", {"W_enc": torch.randn(d, 4, generator=g), "W_dec": w_dec,
+                                                  "b_enc": torch.zeros(4), "b_dec": torch.zeros(d)},
+                            {"architecture": "standard", "d_in": d, "d_sae": 4, "hook_layer": LAYER,
+                             "hook_name": f"blocks.{LAYER}.hook_resid_post"}))
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    clean = _layer_output(model, LAYER, ids)
+    unit = steering_direction(sae, 2, "unit")
+    assert float(unit.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(unit, w_dec[2] / 7.0, atol=1e-6)
+    for kind, scale in (("unit", 1.0), ("raw_folded", 7.0)):
+        with steering(model, SteeringSpec(layer=LAYER, direction=steering_direction(sae, 2, kind), alpha=15.0)):
+            moved = (_layer_output(model, LAYER, ids) - clean)[0].norm(dim=-1)
+        torch.testing.assert_close(moved, torch.full_like(moved, 15.0 * scale), atol=2e-3, rtol=0)
+    with pytest.raises(EvalError, match="steering direction"):
+        steering_direction(sae, 2, "folded")
+
+
 def test_alpha_zero_reproduces_unmodified_generation(embedded_model, steer_sae):
     model, tok = embedded_model
     sae = load_sae(steer_sae)
@@ -147,7 +179,8 @@ def test_run_intervention_end_to_end(embedded_model, steer_sae, fast_cache, tmp_
                                max_new_tokens=6, judge=judge, model=lm)
     doc = json.loads((tmp_path / "out" / "intervention.json").read_text())
     md = (tmp_path / "out" / "intervention.md").read_text()
-    assert summary["layer"] == LAYER and len(summary["features"]) == 1
+    assert summary["layer"] == LAYER and len(summary["features"]) == 1 and summary["direction"] == "unit"
+    assert summary["judge"]["scores_meaningful"] is False and "not meaningful" in md
     assert [r["alpha"] for r in doc["rows"]] == [0.0, 50.0]
     assert doc["rows"][0]["n_identical_to_unmodified"] == 1
     assert doc["rows"][0]["replies"][0]["reply"] == doc["unmodified"][0]["reply"]

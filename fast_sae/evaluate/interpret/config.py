@@ -15,6 +15,8 @@ from fast_sae.options import setting
 from ..errors import EvalError
 
 BACKENDS = ("local", "openai")
+NOT_MEANINGFUL = ("not meaningful: the local embedded judge (a 135M model) gives a clean single-concept feature "
+                  "and random tokens the same score; use a capable judge (--judge-backend openai) for results")
 
 
 @dataclass
@@ -71,9 +73,16 @@ class JudgeConfig:
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
 
+    @property
+    def scores_meaningful(self) -> bool:
+        """False for the local embedded judge: its scores do not tell features apart (``NOT_MEANINGFUL``)."""
+        return not (self.backend == "local" and self.model == EMBEDDED_MODEL)
+
     def describe(self) -> dict:
         """JSON-safe summary for result files (no secrets: only the env var's name)."""
-        return {"backend": self.backend, "model": self.model, "base_url": self.base_url,
+        return {"scores_meaningful": self.scores_meaningful,
+                "note": None if self.scores_meaningful else NOT_MEANINGFUL,
+                "backend": self.backend, "model": self.model, "base_url": self.base_url,
                 "api_key_env": self.api_key_env, "max_new_tokens": self.max_new_tokens,
                 "retries": self.retries, "retry_temperature": self.retry_temperature,
                 "constrained": self.constrained if self.backend == "local" else None}

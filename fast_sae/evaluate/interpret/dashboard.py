@@ -24,6 +24,8 @@ table.summary td,table.index td,table.index th{padding:.1em .8em .1em 0;text-ali
 .tok{border-radius:2px;padding:0 1px}
 .peak{outline:1px solid #900}
 .score{font-weight:bold}
+.unmeaningful .score{font-weight:normal;color:#888;text-decoration:line-through}
+.banner{background:#fde8e8;border:1px solid #c00;padding:.5em;margin:.5em 0;font-weight:bold}
 """
 
 
@@ -81,8 +83,12 @@ def _feature_html(rep: dict, judged: dict | None) -> str:
 
 
 def write_dashboard(path: Path, *, title: str, reports: Sequence[dict], density: np.ndarray,
-                    judged: Sequence[dict] | None = None, summary: dict | None = None) -> Path:
-    """Write the dashboard: a summary table, the density histogram, then one block per feature."""
+                    judged: Sequence[dict] | None = None, summary: dict | None = None,
+                    judge_note: str | None = None) -> Path:
+    """Write the dashboard: a summary table, the density histogram, then one block per feature.
+
+    ``judge_note`` (the judge's scores are not meaningful) is shown as a banner and the scores are
+    struck through, so a page read alone cannot be mistaken for a result."""
     by_feature = {r["feature"]: r for r in (judged or [])}
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in (summary or {}).items())
@@ -91,15 +97,20 @@ def write_dashboard(path: Path, *, title: str, reports: Sequence[dict], density:
         j = by_feature.get(rep["feature"]) or {}
         verdict = (f'{j["score"]}/5 {html.escape(str(j.get("name")))}' if j.get("score") is not None
                    else ("unscored" if j else ""))
+        if judge_note and j.get("score") is not None:
+            verdict = f'<s>{verdict}</s> (not meaningful)'
+
         index.append(f'<tr><td><a href="#f{rep["feature"]}">{rep["feature"]}</a></td><td>{rep["density"]:.3g}</td>'
                      f'<td>{rep["max_act"]:.3g}</td><td>{verdict}</td></tr>')
-    body = [f"<h1>{html.escape(title)}</h1>", f'<table class="summary">{rows}</table>',
+    banner = [f'<div class="banner">Judge scores {html.escape(judge_note)}</div>'] if judge_note else []
+    body = [f"<h1>{html.escape(title)}</h1>", *banner, f'<table class="summary">{rows}</table>',
             f'<img alt="density histogram" src="data:image/png;base64,{density_histogram_png(density)}">',
             '<table class="index"><tr><th>feature</th><th>density</th><th>max</th><th>judge</th></tr>'
             + "".join(index) + "</table>"]
     body += [_feature_html(rep, by_feature.get(rep["feature"]) if judged is not None else None) for rep in reports]
     doc = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+           + ('<body class="unmeaningful">\n' if judge_note else "<body>\n")
            + "\n".join(body) + "\n</body></html>\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

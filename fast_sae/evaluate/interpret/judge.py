@@ -96,12 +96,23 @@ class AnswerForm:
     choices: tuple[str, ...]
     after_choice: str
     free_text_end: str | None = None
-    placeholder: str | None = None  # the prompt's literal placeholder, banned from the free text
+    placeholders: tuple[str, ...] = ()  # the prompt's literal placeholders, banned from the free text
 
 
-VERDICT_FORM = AnswerForm("My final verdict score is: [[", tuple(str(s) for s in SCORES), "]], feature name is [[", "]]",
-                          "NAME")
+VERDICT_FORM = AnswerForm("My final verdict score is: [[", tuple(str(s) for s in SCORES), "]], feature name is [[",
+                          "]]", ("NAME", "S"))
 QUALITY_FORM = AnswerForm("Quality score: [[", tuple(str(s) for s in range(1, 11)), "]]")
+
+
+# Names a judge copies from the prompt instead of naming the feature (the answer format's placeholders).
+PLACEHOLDER_NAMES = frozenset({"s", "name", "names", "feature name", "feature", "descriptive name", "name here",
+                               "short name", "a few words", "...", "n/a", "none", "null", "unknown", "x"})
+
+
+def is_placeholder(name: str) -> bool:
+    """Whether a feature name is empty, a placeholder of the prompt (S, NAME, ...) or only punctuation."""
+    bare = name.strip().strip("[]<>{}()\"'`*_ .").casefold()
+    return not bare or bare in PLACEHOLDER_NAMES or not any(ch.isalnum() for ch in bare)
 
 
 @dataclass(frozen=True)
@@ -141,12 +152,12 @@ def parse_verdict(reply: str) -> Verdict:
     """The interpretability verdict ``My final verdict score is: [[S]], feature name is [[NAME]]``.
 
     Raises JudgeParseError if the line is missing, repeated with different values, S is not an
-    integer in 1-5, or NAME is empty or a placeholder.
+    integer in 1-5, or NAME is empty or a placeholder the prompt uses ("S", "NAME", "feature name" ...).
     """
     raw_score, name = _single(_VERDICT.findall(reply),
                               "My final verdict score is: [[S]], feature name is [[NAME]]", reply)
     score = _score(raw_score, 1, 5, reply)
-    if not name or name.upper() == "NAME":
+    if is_placeholder(name):
         raise JudgeParseError(f"verdict has an empty or placeholder feature name (reply {_snippet(reply)})")
     return Verdict(score=score, name=name)
 

@@ -74,12 +74,12 @@ class LocalBackend:
     def _ids(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
-    def _generate(self, text: str, attempt: int, max_new_tokens: int, banned: str | None = None) -> str:
+    def _generate(self, text: str, attempt: int, max_new_tokens: int, banned: tuple[str, ...] = ()) -> str:
         model, tok = self._lm, self._tok
         input_ids = torch.tensor([self._ids(text)], device=model.device)
         kwargs: dict[str, Any] = {"do_sample": False}
-        if banned:  # small models copy the prompt's placeholder ("[[NAME]]") verbatim
-            kwargs["bad_words_ids"] = [self._ids(v) for v in (banned, " " + banned)]
+        if banned:  # small models copy the prompt's placeholders ("[[NAME]]", "[[S]]") verbatim
+            kwargs["bad_words_ids"] = [self._ids(w) for v in banned for w in (v, " " + v)]
         if attempt > 0 and self.retry_temperature > 0:
             torch.manual_seed(attempt)
             kwargs.update(do_sample=True, temperature=self.retry_temperature, top_p=1.0, top_k=0)
@@ -133,7 +133,7 @@ class LocalBackend:
         reply = form.prefix + choice + form.after_choice
         if form.free_text_end is None:
             return reply
-        text = self._generate(chat + reply, attempt, self.max_new_tokens, banned=form.placeholder)
+        text = self._generate(chat + reply, attempt, self.max_new_tokens, banned=form.placeholders)
         free = text.split(form.free_text_end)[0].split("\n")[0].strip()
         return reply + free + form.free_text_end
 

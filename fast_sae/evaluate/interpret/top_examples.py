@@ -15,9 +15,12 @@ How (exact and vectorised; no Python loop over features or tokens):
    with the highest maximum activation, one context per sequence ("deduplicated per sequence");
    ties go to the earlier token / sequence, so the result does not depend on the block size.
 Density (share of tokens with activation > 0), max and mean activation are accumulated alongside.
+With ``token_ranges`` only those tokens are read (an evaluation passes its held-out sequences, so a
+feature's examples never come from the SAE's training data).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,19 +143,33 @@ def sae_layer(sae: Any, cache: ActivationCache) -> int:
     return layer
 
 
+def iter_token_blocks(cache: ActivationCache, layer: int, token_ranges: list[tuple[int, int]] | None,
+                      block: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, float32 rows)`` of at most ``block`` tokens: the whole cache chunk by chunk, or only
+    ``token_ranges`` (sorted [start, stop) token ranges), in stream order."""
+    if token_ranges is None:
+        for start, chunk in cache.iter_chunks(layer):
+            for lo in range(0, chunk.shape[0], block):
+                yield start + lo, np.array(chunk[lo:lo + block], dtype=np.float32)
+        return
+    for a, b in token_ranges:
+        for lo in range(a, b, block):
+            yield lo, np.asarray(cache.read(layer, lo, min(lo + block, b)), dtype=np.float32)
+
+
 @torch.no_grad()
 def collect_top_examples(sae: Any, cache: ActivationCache, top_n: int = 5, *, layer: int | None = None,
-                         block_tokens: int | None = None) -> TopExamples:
-    """One streaming pass over the cache layer the SAE reads; returns the top table and statistics."""
+                         block_tokens: int | None = None,
+                         token_ranges: list[tuple[int, int]] | None = None) -> TopExamples:
+    """One streaming pass over the cache layer the SAE reads (or its ``token_ranges``); returns the top
+    table and statistics over the tokens read."""
     layer = sae_layer(sae, cache) if layer is None else layer
     d_sae = int(sae.cfg["d_sae"])
     block = block_tokens or max(64, _BLOCK_ELEMENTS // max(d_sae, 1))
     collector = TopKCollector(d_sae, top_n, cache.sequence_of_token())
     device = sae.W_enc.device
-    for start, chunk in cache.iter_chunks(layer):
-        for lo in range(0, chunk.shape[0], block):
-            x = torch.from_numpy(np.array(chunk[lo:lo + block], dtype=np.float32)).to(device)
-            collector.update(start + lo, sae.encode(x))
+    for start, rows in iter_token_blocks(cache, layer, token_ranges, block):
+        collector.update(start, sae.encode(torch.from_numpy(rows).to(device)))
     return collector.result()
 
 

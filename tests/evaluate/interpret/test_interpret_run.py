@@ -92,7 +92,7 @@ def test_local_constrained_answer_form_picks_the_most_likely_choice(embedded_mod
     assert reply == f"Score: [[{max(form.choices, key=loglik)}]]"
     v = parse_verdict(backend.complete(load_prompt("judge_v1").messages(feature=1, contexts='"cat" (2.00)'),
                                        form=VERDICT_FORM))
-    assert 1 <= v.score <= 5 and v.name.upper() != "NAME"
+    assert 1 <= v.score <= 5 and v.name.upper() not in ("NAME", "S")
 
 
 def test_dead_sae_and_wrong_layer_are_handled(synthetic, tmp_path):
