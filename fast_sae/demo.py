@@ -77,7 +77,7 @@ def check_held_out(eval_cache: Path, training: list[Path]) -> tuple[int, dict[st
 
     ev = ActivationCache.open(eval_cache)
     held = np.unique(ev.doc_ids())
-    found = {}
+    found: dict[str, int] = {}
     for path in training:
         c = ActivationCache.open(path)
         if c.meta.dataset != ev.meta.dataset:

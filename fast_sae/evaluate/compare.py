@@ -104,7 +104,7 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      for reg in regime_order(list(groups[key]))}
         model, layer, arch, d_sae, ev, ev_cache = key
         all_rows = [r for rs in by_regime.values() for r in rs]
-        judged = [r for r in all_rows if _get(r, JUDGE_PATH) is not None]
+        judged = [r for r in all_rows if _get(r, "interpretability.scores") is not None]
         saes = [{"regime": reg, "name": r["name"], "path": r.get("path"), "sparsity": sparsity_label(r),
                  "values": {label: _get(r, path) for label, path, _ in SAE_COLUMNS},
                  "judge_top_band": _get(r, JUDGE_PATH)} for reg, rs in by_regime.items() for r in rs]

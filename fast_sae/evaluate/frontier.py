@@ -89,9 +89,9 @@ def matched(by_regime: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
             ranges = {r: (p[0][0], p[-1][0]) for r, p in pts.items()}
             grid = common_l0(list(ranges.values())) if len(pts) > 1 else []
             values = {r: [interpolate(p, x) for x in grid] for r, p in pts.items()}
-            best = []
+            best: list[str | None] = []
             for i in range(len(grid)):
-                col = {r: v[i] for r, v in values.items() if v[i] is not None}
+                col: dict[str, float] = {r: v for r, vs in values.items() if (v := vs[i]) is not None}
                 low = min(col.values()) if col else None
                 winners = [r for r, v in col.items() if v == low]
                 best.append(winners[0] if len(winners) == 1 else None)

@@ -268,21 +268,27 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
              f"Unmodified model: mean quality {summary['unmodified_mean_score']}", "",
              "| feature | alpha | mean score (1-10) | delta vs unmodified | scored | identical to unmodified |",
              "|---|---|---|---|---|---|"]
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
     for r in rows:
-        fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
-        lines.append(f"| {r['feature']} | {r['alpha']:g} | {fmt(r['mean_score'])} | {fmt(r['delta_vs_unmodified'])} | "
-                     f"{r['n_scored']}/{len(r['replies'])} | {r['n_identical_to_unmodified']}/{len(r['replies'])} |")
+        lines.append(f"| {r['feature']} | {r['alpha']:g} | {fmt(r['mean_score'])} | "
+                     f"{fmt(r['delta_vs_unmodified'])} | {r['n_scored']}/{len(r['replies'])} | "
+                     f"{r['n_identical_to_unmodified']}/{len(r['replies'])} |")
     lines += ["", "## Features on special tokens (average max activation, top features)", "",
               "| token id | token | samples | top features (feature: value) |", "|---|---|---|---|"]
     for t in summary["special_token_features"]:
         tops = ", ".join(f"{e['feature']}: {e['value']:.2f}" for e in t["top"])
         token = json.dumps(t["token"], ensure_ascii=False).replace("|", "\\|")
-        lines.append(f"| {t['token_id']}{' (marker)' if t.get('marker') else ''} | `{token}` | {t['n_samples']} | {tops} |")
+        marker = " (marker)" if t.get("marker") else ""
+        lines.append(f"| {t['token_id']}{marker} | `{token}` | {t['n_samples']} | {tops} |")
     lines += ["", "## Replies to the first prompt", ""]
     first = summary["prompts"][0] if summary["prompts"] else ""
-    lines.append(f"**Prompt:** {first}\n\n**Unmodified:** {summary['unmodified'][0]['reply'] if summary['unmodified'] else ''}\n")
+    base = summary["unmodified"][0]["reply"] if summary["unmodified"] else ""
+    lines.append(f"**Prompt:** {first}\n\n**Unmodified:** {base}\n")
     for r in rows:
-        lines.append(f"**feature {r['feature']}, alpha {r['alpha']:g}:** {r['replies'][0]['reply'] if r['replies'] else ''}\n")
+        reply = r["replies"][0]["reply"] if r["replies"] else ""
+        lines.append(f"**feature {r['feature']}, alpha {r['alpha']:g}:** {reply}\n")
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +338,7 @@ def generate_all(lm: Any, tok: Any, sae: Any, plan: InterventionPlan, alphas: Se
         for alpha in alphas:
             spec = SteeringSpec(layer=plan.layer, direction=direction, alpha=float(alpha), positions=positions,
                                 special_ids=plan.special_ids, mode=mode, sae=sae, feature=f)
-            replies = []
+            replies: list[dict[str, Any]] = []
             with steering(lm, spec):
                 for p, base in zip(plan.prompts, unmodified):
                     text, ids = generate_reply(lm, tok, p, max_new_tokens)
@@ -392,7 +398,8 @@ def run_intervention(sae: Any, cache: ActivationCache | Path, out_dir: Path, *, 
     model_id = model_id or cache.meta.model_id
     lm, tok = model if model is not None else (load_model(model_id, device=device), load_tokenizer(model_id))
     if int(lm.config.get_text_config().hidden_size) != sae.d_in:
-        raise EvalError(f"model {model_id!r} has d_model {lm.config.get_text_config().hidden_size}, SAE d_in {sae.d_in}")
+        raise EvalError(f"model {model_id!r} has d_model {lm.config.get_text_config().hidden_size}, "
+                        f"SAE d_in {sae.d_in}")
     plan = plan_intervention(sae, cache, prompts=prompts, n_features=n_features, features=features, top_k=top_k,
                              direction=direction, tokenizer=tok, token_ranges=token_ranges)
     sae = sae.to(lm.device)  # the steering hook (scale mode) encodes on the model's device

@@ -17,8 +17,9 @@ Definitions (all on raw, un-normalised activations, float64 accumulation):
   (default 0.1, i.e. >10% of tokens).
 Subsets: all tokens, special (BOS/template special/template/separator — the paper's special-token
 positions as cache_layout.md defines them), its halves special_tokens (tokenizer special tokens)
-and template (role names, newlines, default system prompt), content, and each content role. Several SAEs of one layer share a single pass over
-the cache, read in batches so memory stays flat whatever the cache size.
+and template (role names, newlines, default system prompt), content, and each content role.
+Several SAEs of one layer share a single pass over the cache, read in batches so memory stays flat
+whatever the cache size.
 
 Token filters (docs/metrics.md): every subset is also scored without outlier tokens, because on
 chat models one token can carry ~all of Σ‖x‖² (the attention sink at position 0: ‖x‖ ~ 25,000

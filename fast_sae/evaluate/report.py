@@ -169,8 +169,9 @@ def _cache_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for path, info in report["caches"].items():
         sel, docs = info.get("selection", {}), info.get("documents") or {}
-        which = "" if docs.get("docs", "all") == "all" else \
-            f", documents: {docs['docs']} (held-out share {docs.get('holdout_fraction')}, seed {docs.get('holdout_seed')})"
+        which = "" if docs.get("docs", "all") == "all" else (
+            f", documents: {docs['docs']} (held-out share {docs.get('holdout_fraction')}, "
+            f"seed {docs.get('holdout_seed')})")
         lines.append(f"- eval cache `{path}`: model {info.get('model_id')}, regime {info.get('regime')}, dataset "
                      f"{info.get('dataset')}{which}; {sel.get('n_tokens')} tokens in {sel.get('n_sequences')} "
                      f"sequences ({sel.get('note')}); shared token prefix {info.get('shared_prefix_length')} tokens")
@@ -183,7 +184,8 @@ def _provenance_table(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         ov, norm, ds = r.get("training_overlap") or {}, r.get("normalization") or {}, r.get("training_dataset") or {}
         trained_on = {"disjoint": f"0 of {ov.get('n_eval_docs')}", "overlap": f"**{ov.get('n_trained_on')} of "
-                      f"{ov.get('n_eval_docs')}**", "other dataset": "other dataset"}.get(ov.get("status"), "unknown")
+                      f"{ov.get('n_eval_docs')}**", "other dataset": "other dataset"}.get(str(ov.get("status")),
+                                                                                         "unknown")
         data = f"{ds.get('name')} ({ds.get('docs', 'all')})" if ds else "unknown"
         factor = norm.get("factor")
         lines.append(f"| {r['name']} | {r.get('regime')} | {data} | {trained_on} | "

@@ -282,12 +282,12 @@ def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n
         model_id = cfg.model or cache.meta.model_id
         down = evaluate_downstream(models[model_id][0], {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
                                    cfg.downstream, prefix_length=plan.prefix_length)
-        for name, res in down.items():
-            rows[name]["downstream"] = res.to_dict() | {"model": model_id}
-            err = res.to_dict()["cache_match_rel_err"]
+        for name, ds in down.items():
+            rows[name]["downstream"] = ds.to_dict() | {"model": model_id}
+            err = ds.to_dict()["cache_match_rel_err"]
             if err > 0.05:
                 report["warnings"].append(
-                    f"{cache.path} layer {res.layer}: the model's block output differs from the cached "
+                    f"{cache.path} layer {ds.layer}: the model's block output differs from the cached "
                     f"activations by {err:.2g} (relative); wrong model or layer indexing?")
     return rows
 
@@ -301,7 +301,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     t0 = time.time()
     if not cfg.caches:
         raise EvalError("no cache given: pass --cache (the training cache) or --eval-cache")
-    entries = load_entries(cfg.saes, device=cfg.device)
+    sae_paths: list[str | Path] = list(cfg.saes)
+    entries = load_entries(sae_paths, device=cfg.device)
     plans, warnings = _plan(cfg, entries)  # every check first: fail before any long pass
     models = _load_models(cfg, plans, models, log)
     report = new_report(sys.argv, _settings(cfg, plans))

@@ -137,7 +137,8 @@ def normalization(cache: ActivationCache, layer: int, method: str, token_range: 
     statistic = (f"mean ||x||^2 over {roles} at positions > 0 with ||x|| <= {OUTLIER_FACTOR:g} x the median norm, "
                  f"in a seeded sample of at most {sample_tokens} tokens of the source's token range")
     return Normalization(method=st.pop("method"), requested=method, factor=math.sqrt(cache.meta.d_model / msn),
-                         layer=layer, source=str(cache.path.resolve()), source_token_range=tuple(token_range),
+                         layer=layer, source=str(cache.path.resolve()),
+                         source_token_range=(int(token_range[0]), int(token_range[1])),
                          statistic=statistic, mean_sq_norm=msn, **st)
 
 

@@ -68,7 +68,7 @@ def test_evaluate_and_compare_end_to_end(tmp_path, runs, fast_cache):
 
     cmp = _pipeline("compare", out, "--out", tmp_path / "cmp")
     assert cmp.returncode == 0, cmp.stderr[-3000:]
-    assert "| metric | fast | bt-p |" in cmp.stdout and (tmp_path / "cmp" / "compare.md").is_file()
+    assert "| tokens | metric | L0 | fast | bt-p |" in cmp.stdout and (tmp_path / "cmp" / "compare.md").is_file()
 
 
 def test_missing_sae_is_one_line_error(tmp_path, fast_cache):

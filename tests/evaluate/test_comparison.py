@@ -11,7 +11,7 @@ from fast_sae.actcache import ActivationCache, Role
 from fast_sae.evaluate.compare import comparison, render_markdown, run_compare
 from fast_sae.evaluate.downstream import DownstreamConfig
 from fast_sae.evaluate.errors import EvalError
-from fast_sae.evaluate.frontier import common_l0, interpolate, matched
+from fast_sae.evaluate.frontier import common_l0, interpolate
 from fast_sae.evaluate.runner import EvalConfig, InterpretSettings, run_evaluation
 
 from .helpers import make_cache, save_pca_sae
@@ -151,3 +151,26 @@ def test_local_judge_scores_carry_the_mark_through_to_compare(tmp_path, fast_cac
     assert groups[0]["judge"]["meaningful"] is False and "NOT MEANINGFUL" in cmp_md
     doc = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert doc["groups"][0]["judge"]["meaningful"] is False
+
+
+# ------------------------------------------------------------------ training curves
+def test_plateau_criterion_on_written_curves(tmp_path):
+    from fast_sae.evaluate.curves import training_summary
+
+    run = tmp_path / "run"
+    (run / "flat").mkdir(parents=True)
+    (run / "falling").mkdir()
+    lines = []
+    for step in range(10, 1001, 10):
+        lines.append({"step": step, "tokens": step * 100, "split": "train", "sae": "flat",
+                      "mse": 1.0 + 1.0 / step, "l0": 20.0, "explained_variance": 0.9})
+        lines.append({"step": step, "tokens": step * 100, "split": "train", "sae": "falling",
+                      "mse": 2.0 - step / 1000, "l0": 20.0, "explained_variance": 0.5})
+    lines.append({"step": 1000, "split": "eval", "sae": "flat", "mse": 5.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    flat, falling = training_summary(run / "flat"), training_summary(run / "falling")
+    assert flat["plateaued"] is True and flat["mse_drop_second_half"] < 0.01 and flat["steps"] == 1000
+    # falling: mean over (40%, 50%] = 2 - 0.455 = 1.545, over (90%, 100%] = 2 - 0.955 = 1.045
+    assert falling["plateaued"] is False
+    assert falling["mse_drop_second_half"] == pytest.approx((1.545 - 1.045) / 1.545)
+    assert training_summary(tmp_path / "nowhere" / "sae") is None
