@@ -130,7 +130,8 @@ class ReconstructionResult:
     def to_dict(self) -> dict[str, Any]:
         freq = self.feature_frequency
         logf = np.log10(np.clip(freq[freq > 0], 1e-12, None))
-        hist, edges = np.histogram(logf, bins=30, range=(-8.0, 0.0)) if len(logf) else (np.zeros(30, int), np.linspace(-8, 0, 31))
+        hist, edges = np.histogram(logf, bins=30, range=(-8.0, 0.0)) if len(logf) else \
+            (np.zeros(30, int), np.linspace(-8, 0, 31))
         return {
             "subsets": self.subsets,
             **{FILTER_KEYS[name]: subsets for name, subsets in self.filtered.items()},

@@ -74,7 +74,8 @@ def _feature_html(rep: dict, judged: dict | None) -> str:
     scale = max([c["max_act"] for c in rep["contexts"]] or [0.0])
     rows = []
     for c in rep["contexts"]:
-        spans = "".join(_token_html(t, a, scale, i == c["peak"]) for i, (t, a) in enumerate(zip(c["tokens"], c["acts"])))
+        spans = "".join(_token_html(t, a, scale, i == c["peak"])
+                        for i, (t, a) in enumerate(zip(c["tokens"], c["acts"])))
         rows.append(f'<div class="ctx" title="sequence {c["sequence"]}, position {c["position"]}">'
                     f'<b>{c["max_act"]:.2f}</b> {spans}</div>')
     if not rows:

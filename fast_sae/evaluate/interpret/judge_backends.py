@@ -25,7 +25,9 @@ import torch
 from fast_sae.lm import load_model, load_tokenizer
 
 from .config import JudgeConfig
-from .judge import BackendError
+from .judge import BackendError, is_placeholder
+
+PLACEHOLDER_REDRAWS = 4
 
 
 def _cache_arg(model: Any) -> str:
@@ -47,7 +49,8 @@ class LocalBackend:
     batched forward pass), and only the free-text field (the feature name) is generated, up to its
     closing ``]]``. Why: a small local model understands the rubric a little but almost never
     writes the verdict line, so unconstrained it would leave every feature unscored. The reply still
-    goes through the same strict parser (an empty or placeholder name is still rejected).
+    goes through the same strict parser (an empty or placeholder name is still rejected); a name that
+    is a placeholder (NAME, Names, S ...) is banned and redrawn, up to ``PLACEHOLDER_REDRAWS`` times.
     """
 
     kind = "local"
@@ -74,12 +77,16 @@ class LocalBackend:
     def _ids(self, text: str) -> list[int]:
         return self._tok(text, add_special_tokens=False)["input_ids"]
 
-    def _generate(self, text: str, attempt: int, max_new_tokens: int, banned: tuple[str, ...] = ()) -> str:
+    def _generate(self, text: str, attempt: int, max_new_tokens: int, banned: tuple[str, ...] = (),
+                  banned_ids: list[list[int]] | None = None) -> tuple[str, list[int]]:
+        """Greedy (attempt 0) or sampled continuation of ``text``: (decoded text, new token ids)."""
         model, tok = self._lm, self._tok
         input_ids = torch.tensor([self._ids(text)], device=model.device)
         kwargs: dict[str, Any] = {"do_sample": False}
-        if banned:  # small models copy the prompt's placeholders ("[[NAME]]", "[[S]]") verbatim
-            kwargs["bad_words_ids"] = [self._ids(w) for v in banned for w in (v, " " + v)]
+        if banned or banned_ids:  # small models copy the prompt's placeholders ("[[NAME]]", "[[S]]")
+            words = dict.fromkeys(w for v in banned for c in (v, v.capitalize(), v.lower()) if len(c) > 1 or c == v
+                                  for w in (c, " " + c))
+            kwargs["bad_words_ids"] = [self._ids(w) for w in words] + list(banned_ids or [])
         if attempt > 0 and self.retry_temperature > 0:
             torch.manual_seed(attempt)
             kwargs.update(do_sample=True, temperature=self.retry_temperature, top_p=1.0, top_k=0)
@@ -87,7 +94,8 @@ class LocalBackend:
                              max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                              **kwargs)
-        return tok.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+        new = out[0, input_ids.shape[1]:]
+        return tok.decode(new, skip_special_tokens=True), new.tolist()
 
     def _best_choice(self, context: str, choices: tuple[str, ...]) -> str:
         """The choice maximising log P(choice + ']]' | context).
@@ -128,13 +136,19 @@ class LocalBackend:
         self.calls += 1
         chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         if form is None or not self.constrained:
-            return self._generate(chat, attempt, self.max_new_tokens)
+            return self._generate(chat, attempt, self.max_new_tokens)[0]
         choice = self._best_choice(chat + form.prefix, form.choices)
         reply = form.prefix + choice + form.after_choice
         if form.free_text_end is None:
             return reply
-        text = self._generate(chat + reply, attempt, self.max_new_tokens, banned=form.placeholders)
-        free = text.split(form.free_text_end)[0].split("\n")[0].strip()
+        banned_ids: list[list[int]] = []
+        for _ in range(PLACEHOLDER_REDRAWS):  # a placeholder copied from the prompt: its first token is banned
+            text, ids = self._generate(chat + reply, attempt, self.max_new_tokens, banned=form.placeholders,
+                                       banned_ids=banned_ids)
+            free = text.split(form.free_text_end)[0].split("\n")[0].strip()
+            if not is_placeholder(free) or not ids:
+                break
+            banned_ids.append(ids[:1])
         return reply + free + form.free_text_end
 
 
