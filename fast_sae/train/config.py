@@ -16,14 +16,16 @@ from typing import Any
 
 import tomllib
 
-ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")
+from fast_sae.saeio import ARCHITECTURE_NAMES, get_architecture
+
+ARCHITECTURES = ARCHITECTURE_NAMES  # the checkpoint format's registry is the one list of architectures
 ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
 # Paper defaults (fast-paper.md §3.3): L1 5 for standard, L0 0.01 for JumpReLU. TopK values follow
 # common practice (Gao et al. use k=32 at these widths).
-DEFAULT_SPARSITY = {"standard": [5.0], "jumprelu": [0.01], "topk": [32], "batchtopk": [32]}
+DEFAULT_SPARSITY: dict[str, list[float]] = {"standard": [5.0], "jumprelu": [0.01], "topk": [32], "batchtopk": [32]}
 
 
 class ConfigError(Exception):
@@ -103,7 +105,7 @@ class SAESpec:
     @property
     def name(self) -> str:
         s = self.sparsity
-        if self.architecture in ("topk", "batchtopk"):
+        if self.k is not None:
             tag = f"k{int(s)}"
         else:
             tag = ("l1_" if self.architecture == "standard" else "l0_") + f"{s:g}"
@@ -114,7 +116,7 @@ class SAESpec:
 
     @property
     def k(self) -> int | None:
-        return int(self.sparsity) if self.architecture in ("topk", "batchtopk") else None
+        return int(self.sparsity) if get_architecture(self.architecture).records_k else None
 
 
 @dataclass
@@ -137,7 +139,7 @@ class GridConfig:
                     if ef <= 0:
                         raise ConfigError(f"expansion factor must be positive, got {ef}")
                     for s in values:
-                        if arch in ("topk", "batchtopk") and (int(s) != s or s <= 0):
+                        if get_architecture(arch).records_k and (int(s) != s or s <= 0):
                             raise ConfigError(f"k must be a positive integer, got {s}")
                         if s < 0:
                             raise ConfigError(f"sparsity coefficient must be >= 0, got {s}")
