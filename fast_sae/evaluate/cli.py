@@ -34,7 +34,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @click.command(short_help="Score SAEs: reconstruction, downstream loss, interpretability, intervention.")
 @click.option("--sae", "saes", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="SAE checkpoint folder, or a run folder whose subfolders are checkpoints. Repeatable.")
+              help="SAE checkpoint folder (ours or SAELens'), a run folder whose subfolders are checkpoints, or "
+                   "sae_lens:RELEASE:SAE_ID (a pretrained SAELens release; needs sae-lens and the hub). Repeatable.")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="The cache the SAEs were trained on; scored on its held-out sequences (cfg eval_sequences) "
                    "unless --eval-cache is given.")

@@ -17,8 +17,9 @@ from typing import Any
 import tomllib
 
 from fast_sae.options import build, setting
+from fast_sae.saeio import ARCHITECTURE_NAMES, get_architecture
 
-ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")
+ARCHITECTURES = ARCHITECTURE_NAMES  # the checkpoint format's registry is the one list of architectures
 ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -115,7 +116,7 @@ class SAESpec:
     @property
     def name(self) -> str:
         s = self.sparsity
-        if self.architecture in ("topk", "batchtopk"):
+        if self.k is not None:
             tag = f"k{int(s)}"
         else:
             tag = ("l1_" if self.architecture == "standard" else "l0_") + f"{s:g}"
@@ -126,7 +127,7 @@ class SAESpec:
 
     @property
     def k(self) -> int | None:
-        return int(self.sparsity) if self.architecture in ("topk", "batchtopk") else None
+        return int(self.sparsity) if get_architecture(self.architecture).records_k else None
 
 
 @dataclass
@@ -161,7 +162,7 @@ class GridConfig:
                     if ef <= 0:
                         raise ConfigError(f"expansion factor must be positive, got {ef}")
                     for s in values:
-                        if arch in ("topk", "batchtopk") and (int(s) != s or s <= 0):
+                        if get_architecture(arch).records_k and (int(s) != s or s <= 0):
                             raise ConfigError(f"k must be a positive integer, got {s}")
                         if s < 0:
                             raise ConfigError(f"sparsity coefficient must be >= 0, got {s}")

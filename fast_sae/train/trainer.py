@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.saeio import CheckpointConfig, Normalization, TrainingData, id_ranges, resid_post_hook
 
 from .buffer import BatchOrder, mixing_half
 from .checkpoint import Checkpointer
 from .config import GridConfig, SAESpec, TrainConfig
 from .distributed import Dist, init_distributed, partition
 from .evaluation import evaluate_groups
-from .export import save_group
+from .export import cache_record, run_record, save_group
 from .loader import DataSplit, Prefetcher, TokenStream, readers_for
 from .memory import estimate
 from .normalize import initial_b_dec, normalization_method_used, scale_factor
@@ -113,6 +114,7 @@ class Trainer:
             raise RunError(f"only {self.split.train_tokens} training tokens, fewer than one batch ({cfg.batch_tokens})")
         self.total_steps = cfg.steps()
         self.dist: Dist = Dist()
+        self._data_record: TrainingData | None = None
 
     # ------------------------------------------------------------------ setup
     def _run_config(self) -> dict[str, Any]:
@@ -292,7 +294,7 @@ class Trainer:
         for g in groups.values():
             for spec, m in zip(g.specs, g.take_window_metrics()):
                 s2 = scales[spec.layer] ** 2
-                coef = None if spec.architecture in ("topk", "batchtopk") else spec.sparsity * sparsity
+                coef = None if spec.k is not None else spec.sparsity * sparsity
                 lines.append({"step": done, "tokens": done * self.cfg.batch_tokens, "split": "train", "sae": spec.name,
                               "layer": spec.layer, "architecture": spec.architecture,
                               "mse": m["mse_normalized"] / s2, "mse_normalized": m["mse_normalized"],
@@ -345,55 +347,29 @@ class Trainer:
                         out[r["sae"]] = r
         return out
 
-    def sae_cfg(self, spec: SAESpec, group: SAEGroup, scale: float) -> dict[str, Any]:
-        """cfg.json in SAELens field names, plus what this project records about the run."""
+    def _training_data(self) -> TrainingData:
+        """The training pool and the held-out part, as token, sequence and document ranges (once per run)."""
+        if self._data_record is None:
+            split, doc_ids = self.split, self.cache.doc_ids()
+            self._data_record = TrainingData(
+                cache=cache_record(self.cache), train_token_range=(0, split.train_tokens),
+                eval_token_range=split.eval_range,
+                eval_sequence_ranges=[(split.eval_first_sequence, split.n_sequences)],
+                train_doc_ids=id_ranges(doc_ids[:split.train_tokens]),
+                eval_doc_ids=id_ranges(doc_ids[split.train_tokens:]))
+        return self._data_record
+
+    def sae_cfg(self, spec: SAESpec, group: SAEGroup, scale: float) -> CheckpointConfig:
+        """The checkpoint's configuration: what the SAE is, what it was trained on and how."""
         m, cfg = self.cache.meta, self.cfg
-        out: dict[str, Any] = {
-            "architecture": spec.architecture, "d_in": self.d_in, "d_sae": spec.d_sae(self.d_in),
-            "hook_name": f"blocks.{spec.layer}.hook_resid_post", "hook_layer": spec.layer, "hook_head_index": None,
-            "model_name": m.model_id, "model_revision": m.model_revision, "context_size": m.context_size,
-            "dataset_path": m.dataset, "dataset_fingerprint": m.dataset_fingerprint, "prepend_bos": False,
-            "dtype": "float32", "device": "cpu",
-            "apply_b_dec_to_input": group.apply_b_dec_to_input,
-            # Weights are folded (act on raw activations), so SAELens must not rescale inputs again:
-            "normalize_activations": "none",
-            "activation_normalization_factor": scale,
-            "training_normalization": normalization_method_used(self.cache, spec.layer, cfg.normalize),
-            "weights_folded": True,
-            "regime": m.regime, "training_regime": m.regime, "training_tokens": self.total_steps * cfg.batch_tokens,
-            "train_batch_size_tokens": cfg.batch_tokens, "lr": cfg.lr, "lr_end": cfg.lr_end,
-            "lr_warm_up_steps": int(cfg.warmup_frac * self.total_steps),
-            "lr_decay_steps": int(cfg.decay_frac * self.total_steps),
-            "sparsity_warm_up_steps": int(cfg.sparsity_warmup_frac * self.total_steps),
-            "adam_beta1": cfg.adam_beta1, "adam_beta2": cfg.adam_beta2, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
-            "expansion_factor": spec.expansion_factor, "data_order": cfg.order, "buffer_tokens": cfg.buffer_tokens,
-            "b_dec_init": cfg.b_dec_init, "init_encoder_as_decoder_transpose": cfg.init_encoder_as_decoder_transpose,
-            "dead_feature_window": cfg.dead_window_steps, "cache_path": str(self.cache.path.resolve()),
-            "cache_n_tokens": m.n_tokens,
-            "train_token_range": [0, self.split.train_tokens],
-            "eval_token_range": list(self.split.eval_range),
-            "eval_sequence_range": [self.split.eval_first_sequence, self.split.n_sequences],
-            "buffer_tokens_effective": 2 * min(mixing_half(cfg.buffer_tokens, cfg.batch_tokens),
-                                               mixing_half(self.split.train_tokens, cfg.batch_tokens)),
-            "sae_name": spec.name, "trainer": "fast-sae train",
-            # Further SAELens 5.x config fields, so its loaders find what they expect.
-            "finetuning_scaling_factor": False, "dataset_trust_remote_code": False,
-            "model_from_pretrained_kwargs": {}, "sae_lens_training_version": None, "neuronpedia_id": None,
-        }
-        out["activation_fn_str"] = "topk" if spec.architecture == "topk" else "relu"
-        if spec.architecture == "standard":
-            out.update(activation_fn="relu", l1_coefficient=spec.sparsity,
-                       scale_sparsity_penalty_by_decoder_norm=cfg.l1_decoder_norm,
-                       normalize_sae_decoder=not cfg.l1_decoder_norm)
-        elif spec.architecture == "jumprelu":
-            out.update(activation_fn="relu", l0_coefficient=spec.sparsity, l1_coefficient=spec.sparsity,
-                       jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-                       normalize_sae_decoder=True)
-        else:
-            out.update(activation_fn="topk", activation_fn_kwargs={"k": spec.k}, k=spec.k,
-                       aux_k=cfg.aux_k or self.d_in // 2, aux_k_coefficient=cfg.aux_k_coefficient,
-                       normalize_sae_decoder=True)
-            if spec.architecture == "batchtopk":
-                out.update(activation_fn="relu", activation_fn_kwargs={},
-                           batchtopk_threshold_lr=cfg.batchtopk_threshold_lr)
-        return out
+        method = normalization_method_used(self.cache, spec.layer, cfg.normalize)
+        statistic = {"content": "mean_sq_norm_content", "all": "mean_sq_norm"}.get(method)
+        return CheckpointConfig(
+            architecture=spec.architecture, d_in=self.d_in, d_sae=spec.d_sae(self.d_in),
+            hook_name=resid_post_hook(spec.layer), k=spec.k, apply_b_dec_to_input=group.apply_b_dec_to_input,
+            model_name=m.model_id, model_revision=m.model_revision, context_size=m.context_size,
+            dataset_path=m.dataset, prepend_bos=False, weights_folded=True,
+            normalization=Normalization(method=method, factor=scale, requested=cfg.normalize, statistic=statistic,
+                                        layer=spec.layer, source=cache_record(self.cache)),
+            training=self._training_data(),
+            run=run_record(spec, cfg, self.total_steps, self.d_in, self.split.train_tokens))

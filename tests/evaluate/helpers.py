@@ -13,7 +13,7 @@ from fast_sae.saeio import save_sae
 
 def sae_cfg(d_in: int, d_sae: int, layer: int, architecture: str = "standard", **extra: Any) -> dict[str, Any]:
     return {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "hook_name": f"blocks.{layer}.hook_resid_post",
-            "hook_layer": layer, **extra}
+            "hook_layer": layer, "apply_b_dec_to_input": False, **extra}
 
 
 def save_identity_sae(folder: Path, d: int, layer: int, **extra: Any) -> Path:

@@ -64,7 +64,7 @@ def run_interpretability(sae_dir: Path, cache_path: Path, out_dir: Path, *, n_fe
     reports = feature_contexts(sae, cache, top, features, window=window, render=TokenRenderer.for_cache(cache),
                                layer=layer)
     n_live = int(len(live_features(top)))
-    d_sae = int(sae.cfg["d_sae"])
+    d_sae = int(sae.d_sae)
     files: dict[str, str] = {}
 
     top_file = out_dir / "top_examples.json"
