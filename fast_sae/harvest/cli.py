@@ -10,10 +10,11 @@ from fast_sae.actcache import REGIMES, ActivationCache, CacheError
 from fast_sae.lm import EMBEDDED_MODEL, ModelLoadError
 
 from .data import DataError
+from .engine import BACKENDS, EngineError
 from .render import TemplateError
 from .streams import SEPARATORS, StreamError
 
-_USER_ERRORS = (CacheError, DataError, ModelLoadError, TemplateError, StreamError, ValueError)
+_USER_ERRORS = (CacheError, DataError, EngineError, ModelLoadError, TemplateError, StreamError, ValueError)
 
 
 def _int_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
@@ -55,8 +56,11 @@ def _int_list(_ctx: click.Context, _param: click.Parameter, value: str) -> list[
               help="Add this system message to conversations without one (else the template's default applies).")
 @click.option("--doc-separator", type=click.Choice(SEPARATORS), default="none", show_default=True,
               help="BT regimes: token inserted before each document.")
-@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="Forward engine (transformers). A vLLM engine is planned behind the same interface.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="Forward engine: hf (transformers), vllm (needs vLLM: ./setup_vllm.sh, then run with "
+                   ".venv-vllm/bin/python), auto (vllm where installed and the model is supported, else hf).")
+@click.option("--vllm-args", default=None,
+              help="JSON object of extra vllm.LLM keyword arguments, e.g. '{\"gpu_memory_utilization\": 0.8}'.")
 def harvest_cmd(out: Path, **kwargs: object) -> None:
     """Run the model over a dataset and write residual activations to a zarr cache (resumable)."""
     from .run import HarvestConfig, run_harvest

@@ -11,11 +11,10 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from fast_sae.actcache import CacheMeta, CacheWriter, TokenArrays
-from fast_sae.lm import EMBEDDED_MODEL, load_model, load_tokenizer, model_info, resolve
+from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer, model_info, resolve
 
-from .batching import plan_batches
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
-from .engine import HFEngine
+from .engine import choose_backend, engine_version, make_engine
 from .render import template_info
 from .streams import block_stream, chat_pieces, fast_stream, text_pieces
 
@@ -43,7 +42,8 @@ class HarvestConfig:
     row_tokens: int = 512  # target length of a packed row (a longer sequence gets its own row)
     system_prompt: str | None = None
     doc_separator: str = "none"
-    backend: str = "hf"
+    backend: str = "auto"  # auto | hf | vllm; resolved to the engine used before anything is written
+    vllm_args: str | None = None  # JSON object of extra vllm.LLM keyword arguments
 
     def resolved(self) -> HarvestConfig:
         cfg = HarvestConfig(**asdict(self))
@@ -89,17 +89,21 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     stream, fingerprint, info = build_stream(cfg, tokenizer)
-    d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision))
+    hf_config = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision)
+    d_model, n_layers = model_info(hf_config)
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"--layers: layer {bad[0]} does not exist; {cfg.model} has layers 0..{n_layers - 1}")
+    # the engine actually used goes into harvest_args, so a resume under another environment must match it
+    cfg.backend, backend_why = choose_backend(cfg.backend, hf_config, cfg.vllm_args)
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,
         layers=cfg.layers, dtype=cfg.dtype, regime=cfg.regime, context_size=cfg.context_size,
         dataset=cfg.dataset, dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
         n_tokens=len(stream.ids), n_sequences=len(stream.seq_starts) - 1, chunk_tokens=cfg.chunk_tokens,
         compression=cfg.compression, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args())
+        special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args(),
+        engine=cfg.backend, engine_version=engine_version(cfg.backend), model_dtype=cfg.model_dtype)
     writer = CacheWriter.create_or_resume(cfg.out, meta, stream, tokenizer)
     resumed_from = writer.committed
     if writer.complete:
@@ -108,10 +112,13 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
         return {"out": str(cfg.out), "tokens": meta.n_tokens, "already_complete": True}
     if resumed_from:
         log(f"{cfg.out}: resuming at token {resumed_from} of {meta.n_tokens}")
-    model = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    engine = HFEngine(model, cfg.layers, cfg.dtype, pad_id)
-    batches = [b for b in plan_batches(stream.seq_starts, cfg.row_tokens, cfg.batch_tokens) if b.end > resumed_from]
+    try:
+        engine = make_engine(cfg, n_layers, d_model, pad_id)
+    except BaseException:
+        writer.close()
+        raise
+    batches = [b for b in engine.plan(stream.seq_starts) if b.end > resumed_from]
     t_fwd = time.perf_counter()
     try:
         with tqdm(total=meta.n_tokens, initial=resumed_from, unit="tok", unit_scale=True, desc="harvest",
@@ -126,7 +133,8 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     done = meta.n_tokens - resumed_from
     summary = {
-        "out": str(cfg.out), "model": cfg.model, "regime": cfg.regime, "dataset": cfg.dataset,
+        "out": str(cfg.out), "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})",
+        "regime": cfg.regime, "dataset": cfg.dataset,
         "tokens": meta.n_tokens, "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
         "tokens_this_run": done, "resumed_from": resumed_from,
         "bytes": sum(f.stat().st_size for f in Path(cfg.out).rglob("*") if f.is_file()),
