@@ -14,7 +14,7 @@ from fast_sae.actcache import CacheMeta, CacheWriter, TokenArrays
 from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer, model_info, resolve
 
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
-from .engine import choose_backend, engine_version, make_engine
+from .engine import Engine, choose_backend, engine_version, make_engine
 from .render import template_info
 from .streams import block_stream, chat_pieces, fast_stream, text_pieces
 
@@ -84,7 +84,9 @@ def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, 
     return stream, fp.hexdigest(), info
 
 
-def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
+def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = None) -> dict[str, Any]:
+    """Harvest ``cfg`` into its cache; ``engine``: an already built engine for ``cfg`` (kept open), e.g. a
+    benchmark's, else the one ``cfg.backend`` selects is built (after the cache exists) and closed."""
     cfg = cfg.resolved()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -95,7 +97,8 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
     if bad:
         raise ValueError(f"--layers: layer {bad[0]} does not exist; {cfg.model} has layers 0..{n_layers - 1}")
     # the engine actually used goes into harvest_args, so a resume under another environment must match it
-    cfg.backend, backend_why = choose_backend(cfg.backend, hf_config, cfg.vllm_args)
+    cfg.backend, backend_why = (engine.name, "given") if engine else choose_backend(cfg.backend, hf_config,
+                                                                                    cfg.vllm_args)
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,
         layers=cfg.layers, dtype=cfg.dtype, regime=cfg.regime, context_size=cfg.context_size,
@@ -112,9 +115,10 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
         return {"out": str(cfg.out), "tokens": meta.n_tokens, "already_complete": True}
     if resumed_from:
         log(f"{cfg.out}: resuming at token {resumed_from} of {meta.n_tokens}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    own_engine = engine is None
     try:
-        engine = make_engine(cfg, n_layers, d_model, pad_id)
+        if engine is None:
+            engine = make_engine(cfg, n_layers, d_model, tokenizer.pad_token_id or 0)
     except BaseException:
         writer.close()
         raise
@@ -128,7 +132,8 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
                 bar.update(batch.end - max(batch.start, bar.n))
         stats = writer.finish()
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
         writer.close()
     elapsed = time.perf_counter() - t0
     done = meta.n_tokens - resumed_from
