@@ -90,7 +90,6 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
     cfg = cfg.resolved()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    stream, fingerprint, info = build_stream(cfg, tokenizer)
     hf_config = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision)
     d_model, n_layers = model_info(hf_config)
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
@@ -99,6 +98,7 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
     # the engine actually used goes into harvest_args, so a resume under another environment must match it
     cfg.backend, backend_why = (engine.name, "given") if engine else choose_backend(cfg.backend, hf_config,
                                                                                     cfg.vllm_args)
+    stream, fingerprint, info = build_stream(cfg, tokenizer)
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,
         layers=cfg.layers, dtype=cfg.dtype, regime=cfg.regime, context_size=cfg.context_size,
