@@ -111,6 +111,7 @@ def main() -> None:
 
 def bench_vllm(args: argparse.Namespace) -> None:
     from fast_sae.harvest.engine import engine_version, make_engine
+    from fast_sae.harvest.vllm_engine import VLLMEngine
 
     layers = [int(x) for x in args.layers.split(",")]
     tok = load_tokenizer(args.model)
@@ -126,6 +127,7 @@ def bench_vllm(args: argparse.Namespace) -> None:
     d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(args.model)))
     t = time.perf_counter()
     engine = make_engine(cfg, n_layers, d_model, tok.pad_token_id or 0)
+    assert isinstance(engine, VLLMEngine)
     startup = time.perf_counter() - t
     segments = engine.plan(stream.seq_starts)
 

@@ -93,7 +93,9 @@ class ResidualCapture:
         n_reqs = int(runner.input_batch.num_reqs)
         qsl = np.asarray(runner.query_start_loc.np[: n_reqs + 1], dtype=np.int64).copy()
         positions = args[0] if args else kwargs["positions"]
-        starts = positions[torch.as_tensor(qsl[:-1])].cpu().numpy().astype(np.int64) if n_reqs else np.zeros(0)
+        # a request with no rows this step would index one past the end: clamp (its length is 0 anyway)
+        first_rows = torch.as_tensor(np.minimum(qsl[:-1], max(int(qsl[-1]) - 1, 0)))
+        starts = positions[first_rows].cpu().numpy().astype(np.int64) if n_reqs else np.zeros(0, np.int64)
         return {"req_ids": list(runner.input_batch.req_ids[:n_reqs]), "query_start_loc": qsl.tolist(),
                 "positions": starts.tolist(), "n_tokens": int(qsl[-1]), "acts": {}}
 
