@@ -8,7 +8,8 @@ With --backend vllm (in the vLLM venv) it prints instead, on the same FAST token
                 checkpoint truncated after the deepest layer, nothing kept),
   vllm harvest  the whole run_harvest with that engine (capture, chunked zarr writes, statistics),
   hf harvest    the transformers harvest of the same layers (forward stopped after the deepest),
-and the ratios vllm harvest / vllm bare (goal >= 0.9) and vllm harvest / hf harvest. The engine's
+and the ratios vllm harvest / vllm bare (goal >= 0.9) and vllm harvest / hf harvest, each the best of
+--repeat interleaved runs (a shared machine's load changes hit all three alike). The engine's
 start-up (imports, model load) is timed separately and left out of the rates.
 
 Prints tokens/s of
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--context-size", type=int, default=1024)
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--repeat", type=int, default=3, help="--backend vllm: interleaved runs of each (best kept)")
     args = ap.parse_args()
     if args.backend == "vllm":
         bench_vllm(args)
@@ -110,8 +113,11 @@ def main() -> None:
 
 
 def bench_vllm(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
     from fast_sae.harvest.engine import engine_version, make_engine
     from fast_sae.harvest.vllm_engine import VLLMEngine
+    from fast_sae.lm import resolve
 
     layers = [int(x) for x in args.layers.split(",")]
     tok = load_tokenizer(args.model)
@@ -120,10 +126,6 @@ def bench_vllm(args: argparse.Namespace) -> None:
     cfg = HarvestConfig(out=Path("unused"), backend="vllm", **base).resolved()
     stream, _, _ = build_stream(cfg, tok)
     n = len(stream.ids)
-    from transformers import AutoConfig
-
-    from fast_sae.lm import resolve
-
     d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(args.model)))
     t = time.perf_counter()
     engine = make_engine(cfg, n_layers, d_model, tok.pad_token_id or 0)
@@ -131,37 +133,44 @@ def bench_vllm(args: argparse.Namespace) -> None:
     startup = time.perf_counter() - t
     segments = engine.plan(stream.seq_starts)
 
-    def bare() -> float:
-        engine.set_capture(False)
-        t = time.perf_counter()
+    def timed(fn: Any) -> tuple[float, float]:
+        """(tokens per wall second, tokens per CPU second of this process, all threads)."""
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return n / (time.perf_counter() - w), n / (time.process_time() - c)
+
+    def bare() -> None:
         for seg in segments:
             engine.prefill(seg, stream.ids, capture=False)
-        rate = n / (time.perf_counter() - t)
-        engine.set_capture(True)
-        return rate
 
-    def harvest(backend: str) -> float:
+    def harvest(backend: str) -> None:
         out = Path(tempfile.mkdtemp()) / "c"
-        t = time.perf_counter()
         run_harvest(HarvestConfig(out=out, backend=backend, **base), log=lambda *_: None,
                     engine=engine if backend == "vllm" else None)
-        rate = n / (time.perf_counter() - t)
         shutil.rmtree(out.parent)
-        return rate
 
     engine.prefill(segments[0], stream.ids, capture=False)  # warm-up
-    r_bare = bare()
-    r_vllm = harvest("vllm")
-    r_bare2 = bare()
-    r_hf = harvest("hf")
+    runs: dict[str, list[tuple[float, float]]] = {"bare": [], "vllm": [], "hf": []}
+    for _ in range(args.repeat):  # interleaved, so a load change on a shared machine hits all three alike
+        engine.set_capture(False)
+        runs["bare"].append(timed(bare))
+        engine.set_capture(True)
+        runs["vllm"].append(timed(lambda: harvest("vllm")))
+        runs["hf"].append(timed(lambda: harvest("hf")))
+    wall = {k: max(r[0] for r in v) for k, v in runs.items()}
+    cpu = {k: max(r[1] for r in v) for k, v in runs.items()}
+    every = {k: ", ".join(f"{r[0]:.0f}" for r in v) for k, v in runs.items()}
     print(f"model {args.model}, layers {args.layers} (vLLM runs blocks 0..{max(layers)} only); {n} tokens in "
-          f"{len(stream.seq_starts) - 1} FAST sequences; {len(segments)} vLLM segments, step budget "
-          f"{args.batch_tokens} tokens; {engine_version('vllm')}; torch threads {torch.get_num_threads()}")
-    print(f"vllm engine start-up    {startup:9.1f} s (not in the rates)")
-    print(f"vllm bare prefill       {r_bare:9.0f} tok/s  (again after the harvest: {r_bare2:.0f})")
-    print(f"vllm harvest            {r_vllm:9.0f} tok/s   harvest/bare = {r_vllm / ((r_bare + r_bare2) / 2):.2f}"
-          f"  (goal >= 0.9; bare = mean of both)")
-    print(f"hf harvest              {r_hf:9.0f} tok/s   vllm/hf      = {r_vllm / r_hf:.2f}")
+          f"{len(stream.seq_starts) - 1} FAST sequences; {len(segments)} vLLM segment(s), step budget "
+          f"{args.batch_tokens} tokens; {engine_version('vllm')}; torch threads {torch.get_num_threads()}; "
+          f"best of {args.repeat} interleaved runs")
+    print(f"vllm engine start-up {startup:6.1f} s (not in the rates)")
+    print("                       tok/s (wall)  tok/CPU-s   wall runs")
+    for key, label in (("bare", "vllm bare prefill"), ("vllm", "vllm harvest"), ("hf", "hf harvest")):
+        print(f"{label:<22} {wall[key]:11.0f} {cpu[key]:10.0f}   {every[key]}")
+    print(f"vllm harvest / vllm bare = {wall['vllm'] / wall['bare']:.2f} wall, {cpu['vllm'] / cpu['bare']:.2f} CPU"
+          f"  (goal >= 0.9)")
+    print(f"vllm harvest / hf harvest = {wall['vllm'] / wall['hf']:.2f} wall, {cpu['vllm'] / cpu['hf']:.2f} CPU")
     engine.close()
 
 
