@@ -153,7 +153,7 @@ def make_engine(cfg: HarvestConfig, n_layers: int, d_model: int, pad_id: int) ->
         path = (truncated_checkpoint(cfg.model, cfg.revision, deepest + 1) if deepest + 1 < n_layers
                 else local_checkpoint(cfg.model, cfg.revision))
         return VLLMEngine(str(path), cfg.layers, n_layers, d_model, cfg.dtype, cfg.model_dtype, cfg.context_size,
-                          cfg.batch_tokens, extra)
+                          cfg.batch_tokens, extra, cfg.device)
     from fast_sae.lm import load_model
 
     model = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)

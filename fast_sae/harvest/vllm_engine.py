@@ -120,7 +120,8 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_path: str, layers: list[int], n_layers: int, d_model: int, store_dtype: str,
-                 model_dtype: str, max_len: int, batch_tokens: int, extra_args: dict[str, Any] | None = None) -> None:
+                 model_dtype: str, max_len: int, batch_tokens: int, extra_args: dict[str, Any] | None = None,
+                 device: str | None = None) -> None:
         for key, value in _ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         self.version = vllm_distribution()
@@ -133,6 +134,11 @@ class VLLMEngine:
         except Exception as exc:  # a broken install fails in many ways
             raise EngineError(f"--backend vllm: importing vLLM failed ({str(exc).splitlines()[0]}); {SETUP_HINT}") \
                 from None
+        from vllm.platforms import current_platform
+
+        if device is not None and device.split(":")[0] != current_platform.device_type:
+            raise EngineError(f"--device {device}: this vLLM build ({self.version}) runs on "
+                              f"{current_platform.device_type}")
         self.layers = sorted(layers)
         self.n_layers, self.d_model = n_layers, d_model
         self.store_dtype = np.dtype(store_dtype)
