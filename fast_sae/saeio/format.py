@@ -109,7 +109,10 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> LoadedSA
         weights = load_file(str(weights_file))
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(f"{weights_file}: unreadable safetensors ({exc})") from None
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    for key in ("d_in", "d_sae"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise CheckpointError(f"{cfg_file}: field {key!r} must be a positive integer, got {cfg[key]!r}")
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
     if cfg["architecture"] == "jumprelu":
         shapes["threshold"] = (d_sae,)

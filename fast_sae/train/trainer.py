@@ -25,7 +25,7 @@ from fast_sae.actcache import ActivationCache, CacheError
 
 from .buffer import BatchOrder, mixing_half
 from .checkpoint import Checkpointer
-from .config import GridConfig, SAESpec, TrainConfig
+from .config import GridConfig, SAESpec, TrainConfig, check_widths
 from .distributed import Dist, init_distributed, partition
 from .errors import RunError
 from .evaluation import evaluate_groups
@@ -103,6 +103,7 @@ class Trainer:
         cfg.validate()
         self.cache = ActivationCache.open(cache_path)
         self.specs = grid.specs()
+        check_widths(self.specs, self.cache.meta.d_model)
         for layer in sorted({s.layer for s in self.specs}):
             if layer not in self.cache.meta.layers:
                 raise CacheError(f"{self.cache.path}: layer {layer} not in cache (layers: {self.cache.meta.layers})")
