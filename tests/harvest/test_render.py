@@ -60,7 +60,7 @@ def _content_runs(tok, ids, roles):
     """(role, decoded text) of each maximal run of consecutive tokens with one content role."""
     content = {int(Role.SYSTEM), int(Role.USER), int(Role.ASSISTANT), int(Role.OTHER)}
     runs: list[tuple[str, list[int]]] = []
-    for t, (i, r) in enumerate(zip(ids, roles)):
+    for t, r in enumerate(roles):
         if int(r) not in content:
             continue
         name = Role(int(r)).name.lower()
