@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ class TemplateInfo:
     template_hash: str | None
     default_system: str  # text the template adds as system prompt when a conversation has none ('' if none)
     special_strings: tuple[str, ...] = ()  # the text of those special tokens
+    skeletons: dict[tuple, list[str | int]] = field(default_factory=dict, repr=False)  # by conversation shape
 
 
 def template_info(tokenizer: Any, model_id: str, require_template: bool) -> TemplateInfo:
@@ -138,11 +139,11 @@ def _skeleton(tokenizer: Any, messages: list[dict[str, str]]) -> list[str | int]
     return [int(p) if j % 2 else p for j, p in enumerate(parts)]
 
 
-def _locate(text: str, skeleton: list[str | int], messages: list[dict[str, str]]) -> tuple[
+def _locate(text: str, skeleton: list[str | int], messages: list[dict[str, str]], exact: bool = False) -> tuple[
         list[tuple[int, int, int]], list[tuple[int, int]]]:
     """Walk the skeleton along the rendered text: (message, start, end) of every content and the
     spans of the template's own text. Content may come out trimmed (templates that ``| trim``); any
-    other change is located by the template text that follows it."""
+    other change is located by the template text that follows it, unless ``exact``."""
     fail = RenderError("the chat template's output does not split into its own text and the messages' "
                        "content (it rewrites content beyond trimming whitespace); roles cannot be labelled")
     contents: list[tuple[int, int, int]] = []
@@ -164,7 +165,7 @@ def _locate(text: str, skeleton: list[str | int], messages: list[dict[str, str]]
             if text.startswith(cand, pos) and text.startswith(after, e) and (not last or e + len(after) == len(text)):
                 end = e
                 break
-        if end < 0 and after:
+        if end < 0 and after and not exact:
             end = len(text) - len(after) if last else text.find(after, pos)
         if end < pos:
             raise fail
@@ -173,6 +174,25 @@ def _locate(text: str, skeleton: list[str | int], messages: list[dict[str, str]]
     if pos != len(text):
         raise fail
     return contents, template
+
+
+def _structure(tokenizer: Any, text: str, messages: list[dict[str, str]], info: TemplateInfo) -> tuple[
+        list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """_locate with the skeleton of an earlier conversation of the same shape (roles and keys) when
+    it fits exactly (every template piece and every content verified in place); else a fresh one.
+    Saves a second template render per conversation; a template that branches on content simply
+    misses the cache."""
+    key = tuple((m["role"], tuple(sorted(k for k in m if k != "content"))) for m in messages)
+    cached = info.skeletons.get(key)
+    if cached is not None and not any(_HOLE_OPEN in m["content"] for m in messages):
+        try:
+            return _locate(text, cached, messages, exact=True)
+        except RenderError:
+            pass
+    skeleton = _skeleton(tokenizer, messages)
+    if len(info.skeletons) < 4096:
+        info.skeletons[key] = skeleton
+    return _locate(text, skeleton, messages)
 
 
 def _retokenize(tokenizer: Any, text: str, ids: list[int], offsets: list[tuple[int, int]],
@@ -214,7 +234,7 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]], info: Te
     policy = policy or RenderPolicy()
     codes = [role_code(messages, i, policy) for i in range(len(messages))]
     text = render_text(tokenizer, messages)
-    contents, template = _locate(text, _skeleton(tokenizer, messages), messages)
+    contents, template = _structure(tokenizer, text, messages, info)
     char_roles = np.full(len(text) + 1, int(Role.TEMPLATE), dtype=np.uint8)
     char_msg = np.full(len(text) + 1, -1, dtype=np.int64)
     if info.default_system and not (messages and messages[0]["role"] == "system"):

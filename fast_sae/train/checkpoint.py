@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,8 +42,8 @@ class Checkpointer:
             info = json.loads(f.read_text())
         except (ValueError, UnicodeDecodeError):
             info = None
-        if not isinstance(info, dict) or not isinstance(info.get("folder"), str) or "/" in info["folder"] \
-                or not isinstance(info.get("step"), int):
+        if not isinstance(info, dict) or not isinstance(info.get("step"), int) \
+                or not re.fullmatch(r"step_\d+", str(info.get("folder"))):
             raise RunError(f"{f}: corrupt checkpoint pointer; delete {self.dir} to restart")
         return info
 
