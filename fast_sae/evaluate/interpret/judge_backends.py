@@ -197,7 +197,8 @@ def make_backend(cfg: JudgeConfig, *, model: Any = None, tokenizer: Any = None) 
     """The backend a JudgeConfig describes; ``model``/``tokenizer`` reuse an already loaded local model."""
     if cfg.backend == "local":
         return LocalBackend(cfg.model or EMBEDDED_MODEL, max_new_tokens=cfg.max_new_tokens,
-                            retry_temperature=cfg.retry_temperature, device=cfg.device, constrained=cfg.constrained, model=model, tokenizer=tokenizer)
+                            retry_temperature=cfg.retry_temperature, device=cfg.device,
+                            constrained=cfg.constrained, model=model, tokenizer=tokenizer)
     return OpenAIBackend(cfg.base_url or "", cfg.model or "", api_key_env=cfg.api_key_env,
                          max_new_tokens=cfg.max_new_tokens, timeout_s=cfg.timeout_s,
                          retry_temperature=cfg.retry_temperature)
