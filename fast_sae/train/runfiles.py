@@ -109,14 +109,26 @@ def truncate_metrics(f: Path, step: int) -> None:
     if not f.is_file():
         return
     keep = [line for line, r in _lines(f) if r.get("step", 0) <= step and r.get("split") == "train"]
-    tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, f)
+    write_text_atomic(f, "".join(line + "\n" for line in keep))
 
 
 def append_jsonl(f: Path, rows: list[dict[str, Any]]) -> None:
     """Append rows in one write, flushed to disk, so a kill leaves at most one torn last line."""
-    with open(f, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r) + "\n" for r in rows))
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(f, "a", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in rows))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise RunError(f"{f}: cannot append ({exc.strerror or exc}); free space and rerun to resume") from None
+
+
+def write_text_atomic(f: Path, text: str) -> None:
+    """Replace ``f`` whole (temp file + rename); a full disk is one line and leaves ``f`` as it was."""
+    tmp = f.with_name(f"{f.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, f)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{f}: cannot write ({exc.strerror or exc}); free space and rerun") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from .loader import DataSplit, Prefetcher, TokenStream, readers_for
 from .memory import estimate
 from .normalize import initial_b_dec, normalization_method_used, scale_factor
 from .report import format_table
-from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, truncate_metrics
+from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, truncate_metrics, write_text_atomic
 from .saes import GROUP_CLASSES, SAEGroup
 from .schedule import lr_at, sparsity_scale_at
 
@@ -196,9 +195,7 @@ class Trainer:
                            f"{bad[2] / 2**30:.2f} GiB available; train fewer or narrower SAEs, lower "
                            f"--batch-tokens/--buffer-tokens, or spread the grid over more processes")
         if d.main:
-            tmp = self.run_dir / f"{RUN_CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(run_cfg, indent=2))
-            os.replace(tmp, self.run_dir / RUN_CONFIG)
+            write_text_atomic(self.run_dir / RUN_CONFIG, json.dumps(run_cfg, indent=2))
 
         scales = {layer: scale_factor(self.cache, layer, self.cfg.normalize) for layer in my_layers}
         stream = TokenStream(readers_for(self.cache, my_layers, scales), self.split.train_tokens)
@@ -318,11 +315,9 @@ class Trainer:
                          [{"step": self.total_steps, "split": "eval", **r} for r in result_rows])
             for r in result_rows:
                 r.setdefault("train_explained_variance", last_train.get(r["sae"], {}).get("explained_variance"))
-            tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps({"status": "finished", "steps": self.total_steps,
-                                       "tokens": self.total_steps * self.cfg.batch_tokens, "saes": result_rows},
-                                      indent=2))
-            os.replace(tmp, self.run_dir / SUMMARY)
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps({
+                "status": "finished", "steps": self.total_steps, "tokens": self.total_steps * self.cfg.batch_tokens,
+                "saes": result_rows}, indent=2))
             self.echo(format_table(result_rows))
         ckpt.remove()
         return RunResult("finished", self.run_dir, self.total_steps, result_rows)
