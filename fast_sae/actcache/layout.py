@@ -48,6 +48,7 @@ class Role(IntEnum):
     TEXT = 7  # plain pretraining text (BT(P))
     SEPARATOR = 8  # a document separator a BT stream inserted (bos/eos between documents)
     DEFAULT_SYSTEM = 9  # the system prompt a template injects when the sample has none
+    OTHER = 10  # content of a message whose role is not system/user/assistant (tool, ...); opt-in
 
 
 ROLE_NAMES = {r.value: r.name.lower() for r in Role}

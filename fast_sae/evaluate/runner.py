@@ -24,7 +24,7 @@ from .downstream import DownstreamConfig, evaluate_downstream
 from .errors import EvalError
 from .interpret.config import JudgeConfig
 from .plots import write_plots
-from .reconstruction import ReconstructionConfig, evaluate_reconstruction
+from .reconstruction import ReconstructionConfig, evaluate_reconstruction, non_finite_warnings
 from .report import MAIN_COLUMNS, markdown_table, new_report, write_report
 from .sources import EvalSelection, SAEEntry, check_against_cache, choose_eval_sequences, load_entries, parse_range
 
@@ -212,6 +212,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
             for e in group:
                 rid = _row_id(e, label, len(caches))
                 res = results[e.name]
+                report["warnings"] += non_finite_warnings(f"{rid} on {cache.path} layer {layer}", res)
                 freq_file = freq_dir / f"{_safe(rid)}.npy"
                 np.save(freq_file, res.feature_frequency.astype(np.float32))
                 cache_rows[e.name] = {"row_id": rid, **e.describe(), "eval_cache": str(cache.path),
@@ -234,12 +235,16 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
         rows += [cache_rows[e.name] for e in entries]
         rows_by_cache[str(cache.path)] = cache_rows
 
-    if cfg.interpret.enabled:
-        _interpret(cfg, entries, caches[0], rows_by_cache[str(caches[0].path)], models, log)
-    if cfg.intervention.enabled:
-        # feature discovery needs special tokens: the first eval cache that has chat-template tokens
-        chat = next((c for c in caches if c.meta.regime != "bt-p"), caches[0])
-        _intervene(cfg, entries, chat, rows_by_cache[str(chat.path)], models, log)
+    try:
+        if cfg.interpret.enabled:
+            _interpret(cfg, entries, caches[0], rows_by_cache[str(caches[0].path)], models, log)
+        if cfg.intervention.enabled:
+            # feature discovery needs special tokens: the first eval cache that has chat-template tokens
+            chat = next((c for c in caches if c.meta.regime != "bt-p"), caches[0])
+            _intervene(cfg, entries, chat, rows_by_cache[str(chat.path)], models, log)
+    except BaseException as exc:  # an interrupt or a failure in the long judged part: keep what is done
+        _write_partial(report, rows, cfg, exc, t0)
+        raise
 
     report["rows"] = rows
     if cfg.plots:
@@ -247,6 +252,21 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     report["seconds"] = round(time.time() - t0, 2)
     write_report(report, cfg.out)
     return report
+
+
+def _write_partial(report: dict[str, Any], rows: list[dict[str, Any]], cfg: EvalConfig, exc: BaseException,
+                   t0: float) -> None:
+    """report.json/report.md with every finished part (reconstruction, downstream, the SAEs already
+    judged), marked incomplete; judge replies already received are also in the judge caches, so a
+    rerun asks only what is missing."""
+    why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'interrupted'}"
+    report.update(rows=rows, incomplete=why, seconds=round(time.time() - t0, 2))
+    report["warnings"].append(f"incomplete evaluation, stopped by {why}; rows without interpretability or "
+                              f"intervention were not finished")
+    try:
+        write_report(report, cfg.out)
+    except Exception:  # never hide the original error behind a second one
+        pass
 
 
 def _interpret(cfg: EvalConfig, entries: list[SAEEntry], cache: ActivationCache, rows: dict[str, dict[str, Any]],

@@ -16,7 +16,7 @@ from fast_sae.options import setting
 
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
 from .engine import BACKENDS, Engine, choose_backend, engine_version, make_engine
-from .render import template_info
+from .render import OTHER_ROLES, SPECIAL_IN_CONTENT, RenderPolicy, template_info
 from .streams import SEPARATORS, block_stream, chat_pieces, fast_stream, text_pieces
 
 
@@ -52,6 +52,12 @@ class HarvestConfig:
     system_prompt: str | None = setting(None, help="Add this system message to conversations without one "
                                                    "(else the template's default applies).")
     doc_separator: str = setting("none", choices=SEPARATORS, help="BT regimes: token inserted before each document.")
+    special_in_content: str = setting("escape", choices=SPECIAL_IN_CONTENT,
+                                      help="Special-token text typed inside a message (e.g. '<|im_end|>'): "
+                                           "escape = tokenize it as plain text; refuse = stop with an error.")
+    other_roles: str = setting("refuse", choices=OTHER_ROLES,
+                               help="Messages whose role is not system/user/assistant (tool, ...): refuse = stop "
+                                    "with an error; label = store them with role code 'other'.")
     backend: str = setting("auto", choices=BACKENDS,
                            help="Forward engine: hf (transformers), vllm (needs vLLM: ./setup_vllm.sh, then run "
                                 "with .venv-vllm/bin/python), auto (vllm where installed and the model is "
@@ -92,7 +98,8 @@ def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, 
         stream = block_stream(text_pieces(iter_texts(src, cfg.text_field), tokenizer, fp),
                               cfg.context_size, cfg.max_tokens, sep_id)
     else:
-        pieces = chat_pieces(iter_conversations(src), tokenizer, info, fp, cfg.system_prompt)
+        pieces = chat_pieces(iter_conversations(src), tokenizer, info, fp, cfg.system_prompt,
+                             RenderPolicy(cfg.special_in_content, cfg.other_roles))
         if cfg.regime == "fast":
             stream = fast_stream(pieces, cfg.context_size, cfg.max_tokens)
         else:

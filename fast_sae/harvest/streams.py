@@ -5,7 +5,8 @@ into fixed blocks, so their blocks mix samples and cut them mid-way, as SAELens 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import numpy as np
 from fast_sae.actcache import Role, TokenArrays
 
 from .data import Fingerprint
-from .render import TemplateInfo, render_conversation
+from .render import MESSAGE_ROLES, RenderError, RenderPolicy, TemplateInfo, render_conversation
 
 SEPARATORS = ("none", "bos", "eos")
 
@@ -32,13 +33,36 @@ class Piece:
     doc_id: int
 
 
+def _stderr(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
 def chat_pieces(conversations: Iterable[list[dict[str, str]]], tokenizer: Any, info: TemplateInfo,
-                fingerprint: Fingerprint, system_prompt: str | None = None) -> Iterator[Piece]:
+                fingerprint: Fingerprint, system_prompt: str | None = None, policy: RenderPolicy | None = None,
+                warn: Callable[[str], None] = _stderr) -> Iterator[Piece]:
+    """Rendered conversations; the first use of each unknown role and of special-token text in content
+    is reported through ``warn`` (what the policy did with it), and a refusal names the conversation."""
+    policy = policy or RenderPolicy()
+    seen: set[str] = set()
+    escaped_reported = False
     for doc_id, messages in enumerate(conversations):
         if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": system_prompt}, *messages]
         fingerprint.add(messages)
-        ids, roles = render_conversation(tokenizer, messages, info)
+        try:
+            ids, roles = render_conversation(tokenizer, messages, info, policy)
+        except RenderError as exc:
+            raise RenderError(f"conversation {doc_id}: {exc}") from None
+        for i, m in enumerate(messages):
+            if m["role"] not in MESSAGE_ROLES and m["role"] not in seen:
+                seen.add(m["role"])
+                warn(f"conversation {doc_id}: role {m['role']!r} is stored with role code 'other' "
+                     f"(neither special nor content in the metrics)")
+            hit = next((t for t in info.special_strings if t in m["content"]), None)
+            if hit is not None and not escaped_reported:
+                escaped_reported = True
+                warn(f"conversation {doc_id}: message {i} ({m['role']}) contains special-token text {hit!r}; "
+                     f"tokenized as plain text (further cases are not reported)")
         yield Piece(ids, roles, doc_id)
 
 

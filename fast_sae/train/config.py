@@ -175,6 +175,14 @@ class GridConfig:
         return out
 
 
+def check_widths(specs: list[SAESpec], d_in: int) -> None:
+    """Settings that depend on the cache's d_model: a TopK/BatchTopK k must fit in d_sae."""
+    for s in specs:
+        if s.k is not None and s.k > s.d_sae(d_in):
+            raise ConfigError(f"k {s.k} of {s.name} is larger than its d_sae {s.d_sae(d_in)} (d_model {d_in} x "
+                              f"expansion factor {s.expansion_factor}); use a smaller k or a wider SAE")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML run file: ``[train]`` (TrainConfig fields) and ``[grid]`` sections."""
     path = Path(path)

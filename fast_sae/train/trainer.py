@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,14 +25,16 @@ from fast_sae.saeio import CheckpointConfig, Normalization, TrainingData, id_ran
 
 from .buffer import BatchOrder, mixing_half
 from .checkpoint import Checkpointer
-from .config import GridConfig, SAESpec, TrainConfig
+from .config import GridConfig, SAESpec, TrainConfig, check_widths
 from .distributed import Dist, init_distributed, partition
+from .errors import RunError
 from .evaluation import evaluate_groups
 from .export import cache_record, run_record, save_group
 from .loader import DataSplit, Prefetcher, TokenStream, readers_for
 from .memory import estimate
 from .normalize import initial_b_dec, normalization_method_used, scale_factor
 from .report import format_table
+from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, truncate_metrics, write_text_atomic
 from .saes import GROUP_CLASSES, SAEGroup
 from .schedule import lr_at, sparsity_scale_at
 
@@ -40,10 +42,6 @@ RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 B_DEC_SAMPLE_TOKENS = 16384
-
-
-class RunError(Exception):
-    """A run that cannot start or continue; the message is one line."""
 
 
 @dataclass
@@ -105,6 +103,7 @@ class Trainer:
         cfg.validate()
         self.cache = ActivationCache.open(cache_path)
         self.specs = grid.specs()
+        check_widths(self.specs, self.cache.meta.d_model)
         for layer in sorted({s.layer for s in self.specs}):
             if layer not in self.cache.meta.layers:
                 raise CacheError(f"{self.cache.path}: layer {layer} not in cache (layers: {self.cache.meta.layers})")
@@ -151,22 +150,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self, stop_after_steps: int | None = None) -> RunResult:
+        """The run, holding the run folder's lock (main process) so a second writer stops at once."""
         self.dist = d = init_distributed(self.cfg.device)
-        run_cfg = self._run_config()
-        error = None
+        lock, error = RunLock(self.run_dir), None
         if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                check_run_folder(self.run_dir, run_cfg)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+                remove_stale_temps(self.run_dir)  # leftovers of killed writers: temp files, <sae>.tmp-<pid>/
+                check_run_folder(self.run_dir, self._run_config())
             except RunError as exc:
                 error = str(exc)
-        error = d.broadcast(error)
-        if error is not None:
-            raise RunError(error)
+        try:
+            error = d.broadcast(error)
+            if error is not None:
+                raise RunError(error)
+            return self._run(stop_after_steps)
+        finally:
+            lock.release()
+
+    def _run(self, stop_after_steps: int | None) -> RunResult:
+        d, run_cfg = self.dist, self._run_config()
         summary_file = self.run_dir / SUMMARY
         if summary_file.is_file():
             rows = json.loads(summary_file.read_text()).get("saes", [])
             if d.main:
+                shutil.rmtree(self.run_dir / "checkpoint", ignore_errors=True)  # outlived a finished run
                 self.echo(f"{self.run_dir}: run already finished")
                 self.echo(format_table(rows))
             return RunResult("already finished", self.run_dir, self.total_steps, rows)
@@ -188,17 +197,12 @@ class Trainer:
                            f"{bad[2] / 2**30:.2f} GiB available; train fewer or narrower SAEs, lower "
                            f"--batch-tokens/--buffer-tokens, or spread the grid over more processes")
         if d.main:
-            tmp = self.run_dir / f"{RUN_CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(run_cfg, indent=2))
-            os.replace(tmp, self.run_dir / RUN_CONFIG)
+            write_text_atomic(self.run_dir / RUN_CONFIG, json.dumps(run_cfg, indent=2))
 
         scales = {layer: scale_factor(self.cache, layer, self.cfg.normalize) for layer in my_layers}
         stream = TokenStream(readers_for(self.cache, my_layers, scales), self.split.train_tokens)
-        ckpt = Checkpointer(self.run_dir, d)
-        try:
-            state = ckpt.load()
-        except RuntimeError as exc:
-            raise RunError(str(exc)) from None
+        ckpt = Checkpointer(self.run_dir, d, echo=self.echo)
+        state = ckpt.load()
         groups = self._build_groups(mine, scales, stream, resuming=state is not None)
         optims = self._optimizers(groups)
         start = 0
@@ -211,23 +215,12 @@ class Trainer:
             if d.main:
                 self.echo(f"resuming {self.run_dir} at step {start} of {self.total_steps}")
         if d.main:
-            self._truncate_metrics(start)
+            truncate_metrics(self.run_dir / METRICS, start)
 
         step = self._loop(groups, optims, stream, scales, start, ckpt, stop_after_steps)
         if step < self.total_steps:
             return RunResult("stopped", self.run_dir, step)
         return self._finish(groups, scales, mine, ckpt)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past the checkpoint so a resumed run's file equals an uninterrupted one's."""
-        f = self.run_dir / METRICS
-        if not f.is_file():
-            return
-        keep = [line for line in f.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step and json.loads(line).get("split") == "train"]
-        tmp = f.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, f)
 
     def _save_checkpoint(self, ckpt: Checkpointer, step: int, groups: dict[str, SAEGroup],
                          optims: dict[str, torch.optim.Optimizer]) -> None:
@@ -303,10 +296,8 @@ class Trainer:
         gathered = self.dist.gather(lines)
         if self.dist.main and gathered:
             order = {s.name: i for i, s in enumerate(self.specs)}
-            every = sorted((line for part in gathered for line in part), key=lambda r: order[r["sae"]])
-            with open(self.run_dir / METRICS, "a") as fh:
-                for line in every:
-                    fh.write(json.dumps(line) + "\n")
+            append_jsonl(self.run_dir / METRICS,
+                         sorted((line for part in gathered for line in part), key=lambda r: order[r["sae"]]))
 
     def _finish(self, groups: dict[str, SAEGroup], scales: dict[int, float], mine: list[SAESpec],
                 ckpt: Checkpointer) -> RunResult:
@@ -322,30 +313,19 @@ class Trainer:
         if d.main and gathered:
             order = {s.name: i for i, s in enumerate(self.specs)}
             result_rows = sorted((r for part in gathered for r in part), key=lambda r: order[r["sae"]])
-            with open(self.run_dir / METRICS, "a") as fh:
-                for r in result_rows:
-                    fh.write(json.dumps({"step": self.total_steps, "split": "eval", **r}) + "\n")
+            append_jsonl(self.run_dir / METRICS,
+                         [{"step": self.total_steps, "split": "eval", **r} for r in result_rows])
             for r in result_rows:
                 r.setdefault("train_explained_variance", last_train.get(r["sae"], {}).get("explained_variance"))
-            tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps({"status": "finished", "steps": self.total_steps,
-                                       "tokens": self.total_steps * self.cfg.batch_tokens, "saes": result_rows},
-                                      indent=2))
-            os.replace(tmp, self.run_dir / SUMMARY)
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps({
+                "status": "finished", "steps": self.total_steps, "tokens": self.total_steps * self.cfg.batch_tokens,
+                "saes": result_rows}, indent=2))
             self.echo(format_table(result_rows))
         ckpt.remove()
         return RunResult("finished", self.run_dir, self.total_steps, result_rows)
 
     def _last_train_metrics(self) -> dict[str, dict[str, Any]]:
-        f = self.run_dir / METRICS
-        out: dict[str, dict[str, Any]] = {}
-        if f.is_file():
-            for line in f.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    if r.get("split") == "train":
-                        out[r["sae"]] = r
-        return out
+        return {r["sae"]: r for r in read_metrics(self.run_dir / METRICS) if r.get("split") == "train"}
 
     def _training_data(self) -> TrainingData:
         """The training pool and the held-out part, as token, sequence and document ranges (once per run)."""

@@ -111,3 +111,32 @@ def test_several_saes_share_one_pass_and_stay_independent(tmp_path):
     assert out["b"].subsets["all"]["mse"] == pytest.approx(want)
     d = out["b"].to_dict()
     assert d["n_dead"] == 4 and d["density_histogram"]["n_never_fired"] == 4
+
+
+def test_non_finite_inputs_are_counted_and_log2_stays_non_finite(tmp_path):
+    from safetensors.torch import load_file
+
+    from fast_sae.evaluate.reconstruction import log2_mse, non_finite_warnings
+    from fast_sae.saeio import save_sae
+
+    from .helpers import sae_cfg
+
+    assert math.isnan(log2_mse(float("nan"))) and log2_mse(float("inf")) == float("inf")
+    assert log2_mse(0.0) == float("-inf") and log2_mse(0.25) == -2.0
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    x[7, 2] = np.nan
+    cache = make_cache(tmp_path / "c", {0: x}, [6, 6])
+    res = _run(cache, save_identity_sae(tmp_path / "id", 4, 0))
+    assert res.extra["non_finite"] == {"weights": [], "activation_tokens": 1, "output_tokens": 1}
+    assert math.isnan(res.subsets["all"]["mse"]) and math.isnan(res.subsets["all"]["log2_mse"])
+    warnings = non_finite_warnings("id", res)
+    assert any("1 eval token(s) have NaN/Inf activations" in w for w in warnings)
+    assert any("MSE is non-finite on subset(s) all" in w for w in warnings)
+    sae = save_random_sae(tmp_path / "r", 4, 8, 0)
+    w = load_file(str(sae / "sae_weights.safetensors"))
+    w["b_enc"][1] = float("inf")
+    save_sae(sae, w, sae_cfg(4, 8, 0))
+    clean = make_cache(tmp_path / "clean", {0: np.nan_to_num(x)}, [6, 6])
+    res = _run(clean, sae)
+    assert res.extra["non_finite"]["weights"] == ["b_enc"]
+    assert any("non-finite weights (b_enc)" in w for w in non_finite_warnings("r", res))

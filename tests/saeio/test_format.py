@@ -87,3 +87,32 @@ def test_a_mapping_is_read_like_a_cfg_json(tmp_path):
     sae = load_sae(save_sae(tmp_path / "s", _weights(False), flat))
     assert sae.layer == 4 and sae.cfg.regime == "bt-p" and sae.cfg.eval_sequence_ranges == [(3, 5)]
     assert json.loads((tmp_path / "s" / "cfg.json").read_text())["metadata"]["sae_lens_version"] == "6.0.0"
+
+
+@pytest.mark.parametrize("value", ["abc", "12", 12.5, None, [12], True, 0])
+def test_d_sae_of_the_wrong_type_is_a_one_line_error(tmp_path, value):
+    save_sae(tmp_path / "s", _weights(False), _cfg("standard"))
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": value}))
+    with pytest.raises(CheckpointError,
+                       match=r"cfg.json: (field 'd_sae' = .+, expected (int|a positive integer)|missing field 'd_sae')$"):
+        load_sae(tmp_path / "s")
+
+
+@pytest.mark.slow
+def test_d_sae_of_the_wrong_type_through_the_cli(tmp_path):
+    import numpy as np
+
+    from fast_sae.actcache.from_arrays import write_cache_from_arrays
+    from tests.helpers import run_cli
+
+    cache = write_cache_from_arrays(tmp_path / "c", {2: np.ones((40, 6), np.float32)},
+                                    seq_starts=np.array([0, 20, 40]), chunk_tokens=16)
+    save_sae(tmp_path / "s", _weights(False), _cfg("standard"))
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": "twelve"}))
+    proc = run_cli("evaluate", "--sae", str(tmp_path / "s"), "--eval-cache", str(cache), "--out", str(tmp_path / "o"),
+                   "--no-downstream", "--no-plots", "--no-progress", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 's' / 'cfg.json'}: field 'd_sae' = 'twelve', expected int"]

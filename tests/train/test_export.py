@@ -44,3 +44,29 @@ def test_folded_checkpoint_matches_training_reconstruction(arch, tmp_path):
         doc = json.loads((folder / "cfg.json").read_text())  # SAELens' architecture name; ours in metadata
         assert doc["architecture"] == get_architecture(arch).sae_lens_name
         assert doc["metadata"]["training_architecture"] == loaded.cfg.architecture == arch
+
+
+def test_export_removes_temp_folders_of_dead_writers_only(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        g = GROUP_CLASSES["standard"]([SAESpec(2, "standard", 2, 0.5)], 8, TrainConfig(), torch.zeros(8))
+        target = tmp_path / "L2_standard_x2_l1_0.5"
+        stale, live = (target.with_name(f"{target.name}.{kind}-{pid}") for kind, pid in
+                       (("tmp", dead.pid), ("tmp", alive.pid)))
+        other = tmp_path / f"L2_standard_x4_l1_0.5.tmp-{dead.pid}"  # another SAE's: not this export's business
+        for folder in (stale, live, other):
+            folder.mkdir()
+            (folder / "sae_weights.safetensors").write_bytes(b"\0" * 1024)
+        cfg = {"architecture": "standard", "d_in": 8, "d_sae": 16, "hook_name": "blocks.2.hook_resid_post",
+               "hook_layer": 2}
+        save_group(target, g, 0, 1.0, cfg)
+        assert load_sae(target).d_sae == 16
+        assert not stale.exists() and live.is_dir() and other.is_dir()
+    finally:
+        alive.kill()
+        alive.wait()
