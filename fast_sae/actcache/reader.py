@@ -258,9 +258,9 @@ class ActivationCache:
             stop = self.n_chunks if wrap_at is None else -(-wrap_at // self.meta.chunk_tokens)
 
             def following(i: int) -> int | None:
-                if i + 1 < stop:
-                    return i + 1
-                return 0 if wrap_at is not None and stop > 1 else None
+                if wrap_at is not None and i + 1 == stop:
+                    return 0  # the training stream starts its next epoch
+                return i + 1 if i + 1 < self.n_chunks else None
             ra = ReadAhead(lambda i: self._load(layer, i), following, depth)
             self._readahead[layer] = ra
         return ra

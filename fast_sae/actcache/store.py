@@ -239,7 +239,7 @@ class LocalStore(Store):
         target = self._path(key)
         tmp_dir = self.root / TMP_DIR
         try:
-            tmp_dir.mkdir(exist_ok=True)
+            tmp_dir.mkdir(parents=True, exist_ok=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = tmp_dir / f"{uuid.uuid4().hex}.{os.getpid()}"
             with open(tmp, "wb") as f:
@@ -314,9 +314,11 @@ class ObjectStore(Store):
         client: dict[str, Any] = {"connect_timeout": "10s", "timeout": "120s"}
         for key, value in options.items():
             (client if key in _CLIENT_KEYS else config)[key] = value
-        endpoint = config.get("endpoint") or config.get("aws_endpoint") or ""
-        if endpoint.startswith("http://") or location.url.startswith("http://"):
-            client.setdefault("allow_http", True)
+        endpoint = (config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL")
+                    or os.environ.get("AWS_ENDPOINT") or "")
+        if endpoint.startswith("http://") or location.url.startswith("http://") or \
+                os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true"):
+            client.setdefault("allow_http", True)  # a plain-HTTP endpoint (a local test server, a LAN store)
         try:
             self.store = obstore.store.from_url(location.url, config=config or None, client_options=client,
                                                 retry_config={"max_retries": 3, "retry_timeout": _seconds(60)})
