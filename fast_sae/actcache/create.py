@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,7 +65,14 @@ def _build(folder: Path, meta: CacheMeta, tokens: Any, tokenizer: Any | None) ->
         group.create_array(layout.norm_path(layer), shape=(n,), chunks=(chunk,), dtype=np.float32,
                            compressors=None, fill_value=0)
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder / layout.TOKENIZER_DIR))
+        try:
+            tokenizer.save_pretrained(str(folder / layout.TOKENIZER_DIR))
+        except OSError:
+            raise
+        except Exception as exc:  # the Rust tokenizers library raises a plain Exception for I/O errors
+            code = re.search(r"os error (\d+)", str(exc))
+            raise OSError(int(code.group(1)) if code else errno.EIO, str(exc).splitlines()[0] if str(exc) else
+                          type(exc).__name__, str(folder / layout.TOKENIZER_DIR)) from None
     attrs = meta.to_attrs()
     attrs.update(complete=False, stats=None)
     group.attrs.update(attrs)

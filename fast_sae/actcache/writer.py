@@ -130,6 +130,8 @@ class CacheWriter:
             if create_cache(store, meta, tokens, tokenizer):
                 log(f"{store.location}: created ({meta.n_tokens} tokens, {meta.n_sequences} sequences)")
         complete = _check_identity(store, meta)
+        if complete:
+            _check_sizes(store, meta)
         n_chunks = -(-meta.n_tokens // meta.chunk_tokens)
         share = worker_share(n_chunks, worker)
         lock = None
@@ -313,6 +315,24 @@ def _check_identity(store: Store, meta: CacheMeta) -> bool:
             raise CacheError(f"{where}: {key} is {a!r} in the cache but {b!r} now"
                              + (f" ({why})" if why else "") + "; use another --out")
     return bool(attrs.get("complete"))
+
+
+def _check_sizes(store: Store, meta: CacheMeta) -> None:
+    """A complete cache whose chunk files are missing or of the wrong size is damaged: say which."""
+    from .reader import ActivationCache
+
+    cache = ActivationCache.open(store.location, require_complete=False, options=None, verify=False) \
+        if isinstance(store, LocalStore) else None
+    if cache is None:
+        return  # remote: reads check every chunk's size and checksum; `info --verify` checks them all
+    for layer in meta.layers:
+        for index in range(cache.n_chunks):
+            nbytes, _ = cache.expected(layer, index)
+            size = store.size(cache.chunk_key(layer, index))
+            if size != nbytes:
+                what = "missing" if size is None else f"{size} bytes, expected {nbytes}"
+                raise CacheError(f"{cache.chunk_file(layer, index)}: chunk file {what}; the cache is truncated or "
+                                 f"corrupt")
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -17,6 +17,8 @@ from fast_sae.actcache.store import open_store
 from tests.helpers import ROOT, run_cli
 from tests.s3server import SECRET_KEY
 
+pytestmark = pytest.mark.slow  # a real S3 server starts (~15 s) and real subprocesses run
+
 
 def _arrays(n: int = 5000, d: int = 24, seed: int = 0) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(seed)
