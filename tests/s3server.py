@@ -83,8 +83,9 @@ def start_s3(folder: Path) -> S3Server:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     config = folder / "s3.json"
-    config.write_text(json.dumps({"identities": [{"name": "tester", "credentials": [
-        {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    identity = {"name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    config.write_text(json.dumps({"identities": [identity]}))
     master, master_g, volume, volume_g, filer, filer_g, s3, s3_g = _free_ports(8)
     cmd = ["timeout", "--kill-after=10", str(MAX_SECONDS), weed, "server", f"-dir={folder / 'data'}",
            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-master.port={master}", f"-master.port.grpc={master_g}",

@@ -107,7 +107,8 @@ def _edit_attrs(path: Path, **changes) -> None:
 def test_attributes_are_validated_against_the_arrays(tmp_path):
     path = _cache(tmp_path)
     _edit_attrs(path, n_tokens=5000)
-    with pytest.raises(CacheError, match=r"tokens/ids/zarr.json: shape is \[3000\], the cache's attributes say \[5000\]"):
+    with pytest.raises(CacheError, match=r"tokens/ids/zarr.json: shape is \[3000\], the cache's attributes say "
+                                         r"\[5000\]"):
         ActivationCache.open(path)
     _edit_attrs(path, n_tokens=3000, n_sequences=4)
     with pytest.raises(CacheError, match=r"sequences/starts/zarr.json: shape is \[4\]"):
@@ -132,7 +133,8 @@ def test_non_monotonic_sequence_starts_are_refused(tmp_path):
 
     z = zarr.open_array(Path(path) / "sequences" / "starts", mode="r+")
     z[:] = np.array([0, 2000, 1500, 3000])
-    with pytest.raises(CacheError, match=r"sequences/starts: sequence starts are not increasing \(entry 2: 1500 after 2000\)"):
+    with pytest.raises(CacheError, match=r"sequences/starts: sequence starts are not increasing "
+                                         r"\(entry 2: 1500 after 2000\)"):
         ActivationCache.open(path)
 
 
