@@ -114,3 +114,24 @@ def test_two_plain_harvests_started_together(tmp_path):
     assert "another harvest is writing this cache" in err and "Traceback" not in err
     assert ActivationCache.open(out).complete
     assert not list(tmp_path.glob("race.creating-*"))
+
+
+@pytest.mark.slow
+def test_two_workers_harvesting_into_s3_write_the_bytes_of_one_on_disk(reference, s3):
+    """Chunk contents and metadata in the bucket equal, key for key and byte for byte, the local cache."""
+    from fast_sae.actcache.store import open_store
+
+    url = f"s3://{s3.bucket()}/harvest"
+    flags = ["--storage-option", f"endpoint={s3.endpoint}"]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "pipeline.py"), "harvest", "--out", url, *ARGS, *flags,
+                               "--worker", f"{i}/2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for i in range(2)]
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-3000:]
+    store = open_store(url, {"endpoint": s3.endpoint})
+    remote = {k: bytes(store.get(k)) for k in sorted(store.list())}
+    local = {k: v for k, v in reference[1].items() if not k.startswith(".")}  # .lock: local-only, not content
+    assert remote.keys() == local.keys()
+    assert [k for k in remote if remote[k] != local[k]] == []
+    assert ActivationCache.open(url, options={"endpoint": s3.endpoint}).complete
