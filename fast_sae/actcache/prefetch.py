@@ -14,8 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-
-import numpy as np
+from typing import Any
 
 _POOL_LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
@@ -39,7 +38,7 @@ class ReadAhead:
     i (or None at the end). ``waited`` is the time the consumer spent blocked on chunks not yet ready.
     """
 
-    def __init__(self, load: Callable[[int], np.ndarray], following: Callable[[int], int | None],
+    def __init__(self, load: Callable[[int], Any], following: Callable[[int], int | None],
                  depth: int = 6) -> None:
         self.load = load
         self.following = following
@@ -56,7 +55,7 @@ class ReadAhead:
             self._futures[index] = fut
         return fut
 
-    def get(self, index: int) -> np.ndarray:
+    def get(self, index: int) -> Any:
         with self._lock:
             fut = self._start(index)
             window = [index]

@@ -55,6 +55,7 @@ class ActivationCache:
         self._verified: set[tuple[int, int]] = set()
         self._verify_lock = threading.Lock()
         self._readahead: dict[int, ReadAhead] = {}
+        self._verify_ahead: dict[int, ReadAhead] = {}
 
     @classmethod
     def open(cls, path: str | Path | RemotePath, require_complete: bool = True,
@@ -231,8 +232,21 @@ class ActivationCache:
         return decode_chunk(data, self.chunk_rows(index), self.meta.d_model, self.meta.dtype,
                             self.meta.compression, str(self.chunk_file(layer, index)))
 
-    def memmap_chunk(self, layer: int, index: int) -> np.ndarray:
-        """Rows of one chunk as a read-only memory map (uncompressed local caches only)."""
+    def _verify_file(self, layer: int, index: int) -> None:
+        """Checksum of one local chunk file (on a read-ahead thread: xxhash releases the GIL)."""
+        if (layer, index) in self._verified:
+            return
+        f = Path(str(self.chunk_file(layer, index)))
+        with open(f, "rb") as fh:
+            data = fh.read()
+        self._verify_bytes(layer, index, data)
+        with self._verify_lock:
+            self._verified.add((layer, index))
+
+    def memmap_chunk(self, layer: int, index: int, wrap_at: int | None = None) -> np.ndarray:
+        """Rows of one chunk as a read-only memory map (uncompressed local caches only). With
+        verification on, the chunk's checksum is checked before it is returned, the first time; the
+        following chunks are checked ahead on background threads, so the stream rarely waits."""
         self._check_layer(layer)
         if not self.memmappable:
             raise CacheError(f"{self.path}: a {'compressed' if self.local else 'remote'} cache cannot be "
@@ -245,34 +259,42 @@ class ActivationCache:
         mm = np.memmap(f, dtype=np.dtype(self.meta.dtype).newbyteorder("<"), mode="r",
                        shape=(self.meta.chunk_tokens, self.meta.d_model))
         if self.verify and (layer, index) not in self._verified:
-            self._verify_bytes(layer, index, mm)
-            with self._verify_lock:
-                self._verified.add((layer, index))
+            ahead = self._verify_ahead.get(layer)
+            if ahead is None:
+                ahead = ReadAhead(lambda i: self._verify_file(layer, i), self._following(wrap_at), depth=4)
+                self._verify_ahead[layer] = ahead
+            ahead.get(index)
         return mm[: self.chunk_rows(index)]
+
+    def _following(self, wrap_at: int | None) -> Any:
+        """The chunk read after chunk i: i + 1, and after the chunk holding token ``wrap_at - 1`` chunk 0
+        (an endless stream over tokens [0, wrap_at)); None after the last chunk."""
+        stop = self.n_chunks if wrap_at is None else -(-wrap_at // self.meta.chunk_tokens)
+
+        def following(i: int) -> int | None:
+            if wrap_at is not None and i + 1 == stop:
+                return 0  # the training stream starts its next epoch
+            return i + 1 if i + 1 < self.n_chunks else None
+        return following
 
     def readahead(self, layer: int, wrap_at: int | None = None, depth: int = 6) -> ReadAhead:
         """The read-ahead of a layer's chunks (next chunk = index + 1; after the chunk holding token
         ``wrap_at - 1``, chunk 0, matching an endless stream over tokens [0, wrap_at))."""
         ra = self._readahead.get(layer)
         if ra is None:
-            stop = self.n_chunks if wrap_at is None else -(-wrap_at // self.meta.chunk_tokens)
-
-            def following(i: int) -> int | None:
-                if wrap_at is not None and i + 1 == stop:
-                    return 0  # the training stream starts its next epoch
-                return i + 1 if i + 1 < self.n_chunks else None
-            ra = ReadAhead(lambda i: self._load(layer, i), following, depth)
+            ra = ReadAhead(lambda i: self._load(layer, i), self._following(wrap_at), depth)
             self._readahead[layer] = ra
         return ra
 
-    def chunk(self, layer: int, index: int) -> np.ndarray:
-        """Rows of one chunk, read-only: a memory map when possible, else fetched with read-ahead."""
+    def chunk(self, layer: int, index: int, wrap_at: int | None = None) -> np.ndarray:
+        """Rows of one chunk, read-only: a memory map when possible, else fetched with read-ahead
+        (``wrap_at``: the reader walks an endless stream over tokens [0, wrap_at))."""
         self._check_layer(layer)
         if not 0 <= index < self.n_chunks:
             raise CacheError(f"{self.path}: chunk {index} outside [0, {self.n_chunks})")
         if self.memmappable:
-            return self.memmap_chunk(layer, index)
-        return self.readahead(layer).get(index)
+            return self.memmap_chunk(layer, index, wrap_at)
+        return self.readahead(layer, wrap_at).get(index)
 
     def read(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Activations of tokens [start, stop) of a layer, in the stored dtype, checked finite."""
@@ -333,9 +355,10 @@ class ActivationCache:
         return n
 
     def close(self) -> None:
-        for ra in self._readahead.values():
+        for ra in (*self._readahead.values(), *self._verify_ahead.values()):
             ra.close()
         self._readahead.clear()
+        self._verify_ahead.clear()
 
     # ------------------------------------------------------------------ statistics and tokenizer
     def layer_stats(self, layer: int) -> LayerStats:

@@ -150,11 +150,13 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
         log(f"{where}: {me}resuming; {len(share) - len(pending)} of {len(share)} chunks of this share already done")
     tokens_todo = sum(writer.chunk_range(i)[1] - writer.chunk_range(i)[0] for i in pending)
     t_fwd = time.perf_counter()
+    computed = 0  # tokens run through the model: the batches at a share's ends are also run by a neighbour
     try:
         if pending:
             model = load_model(cfg.model, cfg.revision, cfg.model_dtype, cfg.device)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             engine = HFEngine(model, cfg.layers, cfg.dtype, pad_id)
+            t_fwd = time.perf_counter()  # the model is loaded: forward time starts here
             batches = [b for b in plan_batches(stream.seq_starts, cfg.row_tokens, cfg.batch_tokens)
                        if writer.wants(b.start, b.end)]
             try:
@@ -162,6 +164,7 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
                           dynamic_ncols=True, disable=not cfg.progress) as bar:
                     for batch in batches:
                         writer.write(batch.start, engine.run(batch, stream.ids))
+                        computed += batch.n_tokens
                         bar.update(batch.n_tokens)
                     writer.flush_wait()
             finally:
@@ -174,13 +177,16 @@ def run_harvest(cfg: HarvestConfig, log: Any = print) -> dict[str, Any]:
             result: dict[str, Any] | None = None
         else:
             result = writer.finalize()
+        t_final = time.perf_counter() - t_done
     finally:
         writer.close()
     elapsed = time.perf_counter() - t0
     summary = {
         **base, "model": cfg.model, "regime": cfg.regime, "dataset": cfg.dataset,
         "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
-        "tokens_this_run": tokens_todo, "chunks_this_run": len(pending), "complete": result is not None,
+        "tokens_this_run": tokens_todo, "tokens_computed": computed, "chunks_this_run": len(pending),
+        "complete": result is not None, "forward_seconds": round(t_done - t_fwd, 2),
+        "finalize_seconds": round(t_final, 2),
         "bytes": sum(open_store(where, options).list().values()),
         "seconds": round(elapsed, 2),
         "tokens_per_second": round(tokens_todo / max(t_done - t_fwd, 1e-9), 1),

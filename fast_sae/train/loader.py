@@ -73,10 +73,7 @@ class LayerReader:
     def _chunk(self, index: int) -> np.ndarray:
         mm = self._maps.get(index)
         if mm is None:
-            if self.cache.memmappable:
-                mm = self.cache.memmap_chunk(self.layer, index)
-            else:
-                mm = self.cache.readahead(self.layer, wrap_at=self.wrap_at).get(index)
+            mm = self.cache.chunk(self.layer, index, wrap_at=self.wrap_at)
             # Bound what is kept: maps cost no memory, but fetched chunks are whole arrays.
             if len(self._maps) >= (64 if self.cache.memmappable else 2):
                 self._maps.clear()
