@@ -38,6 +38,7 @@ _CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "connect_timeout", "
                 "default_content_type", "http2_keep_alive_interval", "http2_keep_alive_timeout"}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 _COLLAPSED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/([^/].*)$")  # what pathlib makes of "s3://b/p"
+_COLLAPSED_INSIDE = re.compile(r"(?:^|/)([A-Za-z][A-Za-z0-9+.-]*):/([^/].*)$")  # ... and of Path(url).resolve()
 TMP_DIR = ".tmp"  # local caches: temporary files, renamed into place (never part of the content)
 LOCK_FILE = ".lock"  # local caches: the advisory lock file (never part of the content)
 RETRIES = 4
@@ -101,7 +102,10 @@ class RemotePath:
         return RemotePath(f"{self.url.rstrip('/')}/{key}")
 
     def __eq__(self, other: object) -> bool:
-        if isinstance(other, (str, Path)):
+        if isinstance(other, Path):  # pathlib collapsed the URL, perhaps after making it absolute
+            m = _COLLAPSED_INSIDE.search(str(other))
+            return m is not None and f"{m.group(1).lower()}://{m.group(2).rstrip('/')}" == self.url
+        if isinstance(other, str):
             return parse_location(other) == self
         return isinstance(other, RemotePath) and other.url == self.url
 

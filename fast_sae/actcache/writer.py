@@ -221,9 +221,8 @@ class CacheWriter:
         for layer in m.layers:
             x = rows[layer]
             sums, norms, scalars = chunk_partials(x, self._content[lo:hi])
-            if not (np.isfinite(sums).all() and np.isfinite(scalars["sq"])):
-                bad = int(np.flatnonzero(~np.isfinite(np.asarray(x, np.float64)).all(axis=1))[0]) + lo \
-                    if not np.isfinite(x).all() else lo
+            if not np.isfinite(sums).all():  # a NaN/inf anywhere in the chunk makes its row sum non-finite
+                bad = lo + int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
                 raise CacheError(f"{self.path}: layer {layer} activation of token {bad} is not finite"
                                  + (" (float16 overflows above 65504: use --dtype float32)" if m.dtype == "float16"
                                     else "") + "; nothing was committed for that chunk")
