@@ -135,3 +135,17 @@ def test_two_workers_harvesting_into_s3_write_the_bytes_of_one_on_disk(reference
     assert remote.keys() == local.keys()
     assert [k for k in remote if remote[k] != local[k]] == []
     assert ActivationCache.open(url, options={"endpoint": s3.endpoint}).complete
+
+
+@pytest.mark.slow
+def test_torchrun_runs_one_worker_per_rank(reference, tmp_path):
+    out = tmp_path / "torchrun"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "pipeline.py"), "harvest", "--out", str(out), *ARGS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"worker": "0/2"' in proc.stdout and '"worker": "1/2"' in proc.stdout
+    got = _files(out)
+    assert got.keys() == reference[1].keys()
+    assert [k for k in got if got[k] != reference[1][k]] == []
