@@ -326,33 +326,10 @@ class ActivationCache:
             yield start, rows
 
     def verify_all(self, progress: Any = None) -> int:
-        """Check every activation chunk (size, checksum, decode, finite) and every statistics file;
-        returns the number of files checked. For ``pipeline.py info --verify``."""
-        n = 0
-        for layer in self.meta.layers:
-            for index in range(self.n_chunks):
-                rows = self._load(layer, index)
-                check_finite(rows, str(self.chunk_file(layer, index)), index * self.meta.chunk_tokens)
-                n += 1
-                if progress is not None:
-                    progress(1)
-        if self.meta.format_version >= 2:
-            records = read_records(self.store, list(range(self.n_chunks)))
-            for i in range(self.n_chunks):
-                if i not in records:
-                    raise CacheError(f"{self.store.where(layout.commit_key(i))}: commit record missing")
-                for key, (nbytes, digest) in records[i].files.items():
-                    if "/acts/" in f"/{key}":
-                        continue
-                    data = self.store.get_checked(key, nbytes)
-                    if checksum(data) != digest:
-                        raise CacheError(f"{self.store.where(key)}: checksum mismatch (recorded {digest}, read "
-                                         f"{checksum(data)}); the file is corrupt")
-                    n += 1
-        for layer in self.meta.layers:
-            if self.complete:
-                self.layer_stats(layer)
-        return n
+        """Check every file (size, checksum, decoding, finiteness); for ``pipeline.py info --verify``."""
+        from .audit import verify_all
+
+        return verify_all(self, progress)
 
     def close(self) -> None:
         for ra in (*self._readahead.values(), *self._verify_ahead.values()):
@@ -400,18 +377,6 @@ class ActivationCache:
             return AutoTokenizer.from_pretrained(str(Path(tmp) / layout.TOKENIZER_DIR))
 
     def summary(self) -> dict[str, Any]:
-        m = self.meta
-        roles = self.roles()
-        counts = {layout.ROLE_NAMES.get(int(k), f"code {int(k)}"): int(v)
-                  for k, v in zip(*np.unique(roles, return_counts=True))}
-        return {
-            "path": str(self.path), "format_version": m.format_version, "complete": self.complete,
-            "progress": self.progress_text(), "tokens_committed": self.tokens_committed,
-            "model": m.model_id, "regime": m.regime, "layers": m.layers, "d_model": m.d_model,
-            "n_tokens": m.n_tokens, "n_sequences": m.n_sequences, "context_size": m.context_size,
-            "dtype": m.dtype, "compression": m.compression, "chunk_tokens": m.chunk_tokens,
-            "dataset": m.dataset, "dataset_fingerprint": m.dataset_fingerprint,
-            "chat_template_hash": m.chat_template_hash, "token_stream_hash": m.token_stream_hash, "roles": counts,
-            "bytes_on_disk": sum(self.store.list().values()),
-            "stats": self.attrs.get("stats"),
-        }
+        from .audit import summary
+
+        return summary(self)

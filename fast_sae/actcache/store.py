@@ -17,7 +17,6 @@ they are handed to the store client only, never written into a cache, a run fold
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,126 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fast_sae.options import setting
-
 from .layout import CacheError
+from .location import _DEFAULT_OPTIONS as _DEFAULTS
+from .location import (
+    OBSTORE_SCHEMES,
+    RemotePath,
+    StorageConfig,
+    is_remote,
+    parse_location,
+    parse_storage_options,
+    set_default_storage_options,
+)
 
 T = TypeVar("T")
 
-OBSTORE_SCHEMES = ("s3", "s3a", "gs", "az", "adl", "azure", "abfs", "abfss", "http", "https", "memory")
-# obstore client options (HTTP layer); every other --storage-option key goes to the store's config.
-_CLIENT_KEYS = {"allow_http", "allow_invalid_certificates", "connect_timeout", "timeout", "pool_idle_timeout",
-                "pool_max_idle_per_host", "http1_only", "http2_only", "proxy_url", "user_agent",
-                "default_content_type", "http2_keep_alive_interval", "http2_keep_alive_timeout"}
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
-_COLLAPSED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/([^/].*)$")  # what pathlib makes of "s3://b/p"
-_COLLAPSED_INSIDE = re.compile(r"(?:^|/)([A-Za-z][A-Za-z0-9+.-]*):/([^/].*)$")  # ... and of Path(url).resolve()
 TMP_DIR = ".tmp"  # local caches: temporary files, renamed into place (never part of the content)
 LOCK_FILE = ".lock"  # local caches: the advisory lock file (never part of the content)
 RETRIES = 4
 
-
-@dataclass
-class StorageConfig:
-    """Connection settings of a remote cache location; shared by every stage's command line.
-
-    They are deliberately not part of any run configuration: they may hold secrets, and a cache or
-    a run must not change meaning because it was reached through another endpoint."""
-
-    storage_option: list[str] = setting(
-        default_factory=list, flag="storage-option", metavar="KEY=VALUE,...",
-        help="Options of a remote cache location (e.g. endpoint=http://127.0.0.1:8333,region=us-east-1); "
-             "credentials belong in the environment (AWS_ACCESS_KEY_ID, ...). Never written anywhere.")
-
-    def options(self) -> dict[str, str]:
-        return parse_storage_options(self.storage_option)
-
-
-def parse_storage_options(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise CacheError(f"--storage-option {item.split('=')[0]!r}: expected KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
-
-
-_DEFAULT_OPTIONS: dict[str, str] = {}
-
-
-def set_default_storage_options(options: dict[str, str]) -> None:
-    """Options every remote location opened by this process uses unless given others (set by the CLI)."""
-    _DEFAULT_OPTIONS.clear()
-    _DEFAULT_OPTIONS.update(options)
-
-
-@dataclass(frozen=True)
-class RemotePath:
-    """A remote cache location, usable where a cache's ``path`` is shown or compared."""
-
-    url: str
-
-    def __str__(self) -> str:
-        return self.url
-
-    def __fspath__(self) -> str:  # refuse silently turning a URL into a local path
-        raise TypeError(f"{self.url} is a remote location, not a local path")
-
-    @property
-    def name(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
-
-    def resolve(self) -> RemotePath:
-        return self
-
-    def __truediv__(self, key: str) -> RemotePath:
-        return RemotePath(f"{self.url.rstrip('/')}/{key}")
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Path):  # pathlib collapsed the URL, perhaps after making it absolute
-            m = _COLLAPSED_INSIDE.search(str(other))
-            return m is not None and f"{m.group(1).lower()}://{m.group(2).rstrip('/')}" == self.url
-        if isinstance(other, str):
-            return parse_location(other) == self
-        return isinstance(other, RemotePath) and other.url == self.url
-
-    def __hash__(self) -> int:
-        return hash(self.url)
-
-
-def parse_location(where: str | Path | RemotePath) -> Path | RemotePath:
-    """A local folder (Path) or a remote URL (RemotePath). ``Path("s3://b/p")`` (which pathlib
-    collapses to ``s3:/b/p``, e.g. after click.Path) is read back as the URL it was."""
-    if isinstance(where, RemotePath):
-        return where
-    text = str(where)
-    m = _URL.match(text)
-    if m is None and isinstance(where, Path):
-        m = _COLLAPSED.match(text)
-        if m is not None and m.group(1).lower() not in OBSTORE_SCHEMES and not _fsspec_knows(m.group(1)):
-            m = None
-    if m is None:
-        return Path(text)
-    scheme, rest = m.group(1).lower(), m.group(2).rstrip("/")
-    if scheme == "file":
-        return Path("/" + rest.lstrip("/"))
-    if not rest:
-        raise CacheError(f"{text}: a cache URL needs a bucket or host (e.g. s3://bucket/prefix)")
-    return RemotePath(f"{scheme}://{rest}")
-
-
-def _fsspec_knows(scheme: str) -> bool:
-    try:
-        import fsspec
-
-        return scheme.lower() in fsspec.available_protocols()
-    except ImportError:
-        return False
-
-
-def is_remote(where: str | Path | RemotePath) -> bool:
-    return isinstance(parse_location(where), RemotePath)
+__all__ = ["KeyMissing", "LocalStore", "RemotePath", "StorageConfig", "Store", "is_remote", "open_store",
+           "parse_location", "parse_storage_options", "set_default_storage_options"]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -307,155 +206,6 @@ class LocalStore(Store):
         return removed
 
 
-class ObjectStore(Store):
-    """An obstore store (S3, GCS, Azure, HTTP, memory). Each put is one atomic PUT."""
-
-    def __init__(self, location: RemotePath, options: dict[str, str]) -> None:
-        import obstore.store
-
-        self.location = location
-        config: dict[str, Any] = {}
-        client: dict[str, Any] = {"connect_timeout": "10s", "timeout": "120s"}
-        for key, value in options.items():
-            (client if key in _CLIENT_KEYS else config)[key] = value
-        endpoint = (config.get("endpoint") or config.get("aws_endpoint") or os.environ.get("AWS_ENDPOINT_URL")
-                    or os.environ.get("AWS_ENDPOINT") or "")
-        if endpoint.startswith("http://") or location.url.startswith("http://") or \
-                os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true"):
-            client.setdefault("allow_http", True)  # a plain-HTTP endpoint (a local test server, a LAN store)
-        try:
-            self.store = obstore.store.from_url(location.url, config=config or None, client_options=client,
-                                                retry_config={"max_retries": 3, "retry_timeout": _seconds(60)})
-        except Exception as exc:  # obstore raises its own errors for bad URLs and unknown keys
-            raise CacheError(f"{location}: cannot open the object store ({_one_line(exc)})") from None
-
-    def _call(self, key: str, fn: Callable[[], T]) -> T:
-        import obstore.exceptions as ox
-
-        try:
-            return fn()
-        except (FileNotFoundError, ox.NotFoundError):
-            raise KeyMissing(f"{self.where(key)}: missing") from None
-        except (ox.PermissionDeniedError, ox.UnauthenticatedError) as exc:
-            raise CacheError(f"{self.where(key)}: access denied by the store; check the credentials in the "
-                             f"environment ({_one_line(exc)})") from None
-        except ox.BaseError as exc:
-            raise OSError(_one_line(exc)) from None
-
-    def get(self, key: str) -> memoryview:
-        import obstore
-
-        return memoryview(self._call(key, lambda: obstore.get(self.store, key).bytes()))
-
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        import obstore
-
-        def once() -> None:
-            self._call(key, lambda: obstore.put(self.store, key, bytes(data) if isinstance(data, memoryview)
-                                                else data))
-        try:
-            self.retrying(once, key)
-        except CacheError as exc:
-            raise CacheError(str(exc).replace("read failed", "write failed")) from None
-
-    def size(self, key: str) -> int | None:
-        import obstore
-
-        try:
-            return int(self.retrying(lambda: self._call(key, lambda: obstore.head(self.store, key)), key)["size"])
-        except KeyMissing:
-            return None
-
-    def list(self, prefix: str = "") -> dict[str, int]:
-        import obstore
-
-        def once() -> dict[str, int]:
-            out: dict[str, int] = {}
-            stream = obstore.list(self.store, prefix=prefix.rstrip("/") + "/" if prefix else None)
-            for batch in stream:
-                for meta in batch:
-                    out[meta["path"]] = int(meta["size"])
-            return out
-        return self.retrying(lambda: self._call(prefix, once), prefix)
-
-    def delete(self, key: str) -> None:
-        import obstore
-
-        try:
-            self._call(key, lambda: obstore.delete(self.store, key))
-        except KeyMissing:
-            pass
-
-    def zarr_store(self, read_only: bool = True) -> Any:
-        import warnings
-
-        import zarr
-
-        with warnings.catch_warnings():  # zarr calls its obstore adapter experimental
-            warnings.simplefilter("ignore")
-            return zarr.storage.ObjectStore(self.store, read_only=read_only)
-
-
-class FsspecStore(Store):
-    """Any other scheme, through zarr's fsspec store (needs fsspec and the scheme's package)."""
-
-    def __init__(self, location: RemotePath, options: dict[str, str]) -> None:
-        import zarr
-
-        self.location = location
-        try:
-            self.zstore = zarr.storage.FsspecStore.from_url(location.url, storage_options=dict(options),
-                                                            read_only=False)
-        except Exception as exc:  # unknown protocol, missing package, bad options
-            raise CacheError(f"{location}: no store for this URL ({_one_line(exc)})") from None
-
-    def _sync(self, key: str, coro: Any) -> Any:
-        from zarr.core.sync import sync
-
-        try:
-            return sync(coro)
-        except FileNotFoundError:
-            raise KeyMissing(f"{self.where(key)}: missing") from None
-
-    def get(self, key: str) -> bytes:
-        from zarr.core.buffer import default_buffer_prototype
-
-        buf = self._sync(key, self.zstore.get(key, prototype=default_buffer_prototype()))
-        if buf is None:
-            raise KeyMissing(f"{self.where(key)}: missing")
-        return buf.to_bytes()
-
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        from zarr.core.buffer import default_buffer_prototype
-
-        buf = default_buffer_prototype().buffer.from_bytes(bytes(data))
-        self.retrying(lambda: self._sync(key, self.zstore.set(key, buf)), key)
-
-    def size(self, key: str) -> int | None:
-        try:
-            return int(self._sync(key, self.zstore.getsize(key)))
-        except KeyMissing:
-            return None
-
-    def list(self, prefix: str = "") -> dict[str, int]:
-        async def collect() -> list[str]:
-            return [k async for k in self.zstore.list_prefix(prefix)]
-        keys = self._sync(prefix, collect())
-        return {k: int(self._sync(k, self.zstore.getsize(k))) for k in keys}
-
-    def delete(self, key: str) -> None:
-        self._sync(key, self.zstore.delete(key))
-
-    def zarr_store(self, read_only: bool = True) -> Any:
-        return self.zstore.with_read_only(read_only)
-
-
-def _seconds(n: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=n)
-
-
 @dataclass
 class _Opened:
     stores: dict[tuple[str, tuple[tuple[str, str], ...]], Store] = field(default_factory=dict)
@@ -469,11 +219,13 @@ def open_store(where: str | Path | RemotePath, options: dict[str, str] | None = 
     loc = parse_location(where)
     if isinstance(loc, Path):
         return LocalStore(loc)
-    opts = dict(_DEFAULT_OPTIONS if options is None else options)
+    opts = dict(_DEFAULTS if options is None else options)
     cache_key = (loc.url, tuple(sorted(opts.items())))
     store = _OPENED.stores.get(cache_key)
     if store is None:
         scheme = loc.url.split("://", 1)[0]
+        from .remote import FsspecStore, ObjectStore
+
         store = ObjectStore(loc, opts) if scheme in OBSTORE_SCHEMES else FsspecStore(loc, opts)
         _OPENED.stores[cache_key] = store
     return store
