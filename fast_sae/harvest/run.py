@@ -1,6 +1,7 @@
 """The harvest job: data → token stream → cache (token stream first) → forward batches → activations."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,7 +11,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from fast_sae.actcache import REGIMES, CacheMeta, CacheWriter, TokenArrays
+from fast_sae.actcache import REGIMES, CacheMeta, CacheWriter, StorageConfig, TokenArrays, parse_location
+from fast_sae.actcache.store import open_store
+from fast_sae.actcache.writer import parse_worker
 from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer, model_info, resolve
 from fast_sae.options import setting
 
@@ -24,7 +27,8 @@ from .streams import SEPARATORS, block_stream, chat_pieces, fast_stream, text_pi
 class HarvestConfig:
     """Everything a harvest depends on; every field is also a `pipeline.py harvest` option."""
 
-    out: Path = setting(help="Cache folder to write (or resume).", short="-o")
+    out: Path = setting(help="Cache folder or URL (s3://bucket/prefix, gs://..., az://...) to write or resume.",
+                        short="-o")
     model: str = setting(EMBEDDED_MODEL, help="Hub id, local folder, or the embedded default.")
     revision: str | None = setting(None, help="Hub revision (branch, tag or commit).")
     regime: str = setting("fast", choices=REGIMES,
@@ -65,12 +69,23 @@ class HarvestConfig:
     vllm_args: str | None = setting(None, help="JSON object of extra vllm.LLM keyword arguments, e.g. "
                                                "'{\"gpu_memory_utilization\": 0.8}'.")
     progress: bool = setting(True, help="Show a progress bar.")
+    worker: str | None = setting(None, metavar="I/N",
+                                 help="Write only worker I's share of N (0-indexed) of the activation chunks; the "
+                                      "last worker to finish completes the cache [default: 0/1, or RANK/WORLD_SIZE "
+                                      "under torchrun].")
+    finalize: bool = setting(False, help="Only complete the cache (statistics, checksum index) once every "
+                                         "worker's chunks are written.")
+    storage: StorageConfig = setting(default_factory=StorageConfig, prefix="", help="Remote cache location.")
 
     def resolved(self) -> HarvestConfig:
-        cfg = HarvestConfig(**asdict(self))
-        cfg.out = Path(self.out)
+        cfg = HarvestConfig(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        cfg.out = self.out
         if cfg.dataset is None:
             cfg.dataset = EMBEDDED_TEXT if cfg.regime == "bt-p" else EMBEDDED_CHAT
+        if cfg.worker is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one worker per rank
+            cfg.worker = f"{os.environ.get('RANK', '0')}/{os.environ['WORLD_SIZE']}"
+            if cfg.device == "auto" and torch.cuda.is_available():
+                cfg.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         if cfg.device == "auto":
             cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
         if cfg.model_dtype == "auto":
@@ -81,8 +96,8 @@ class HarvestConfig:
     def byte_args(self) -> dict[str, Any]:
         """Every argument that changes the cache's bytes; a resume must match all of them."""
         d = asdict(self)
-        d.pop("out")
-        d.pop("progress")
+        for key in ("out", "progress", "worker", "finalize", "storage"):  # where and by whom, not what
+            d.pop(key)
         d["device"] = d["device"].split(":")[0]
         return d
 
@@ -130,43 +145,70 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
         compression=cfg.compression, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args(),
         engine=cfg.backend, engine_version=engine_version(cfg.backend), model_dtype=cfg.model_dtype)
-    writer = CacheWriter.create_or_resume(cfg.out, meta, stream, tokenizer)
-    resumed_from = writer.committed
+    worker = parse_worker(cfg.worker or "0/1")
+    options = cfg.storage.options()
+    where = parse_location(cfg.out)
+    writer = CacheWriter.open(where, meta, stream, tokenizer, worker=worker, options=options, log=log)
+    me = f"worker {worker[0]}/{worker[1]}: " if worker[1] > 1 else ""
+    pending = list(writer.pending)
+    base = {"out": str(where), "tokens": meta.n_tokens, "worker": f"{worker[0]}/{worker[1]}"}
     if writer.complete:
         writer.close()
-        log(f"{cfg.out}: already complete ({meta.n_tokens} tokens); nothing to do")
-        return {"out": str(cfg.out), "tokens": meta.n_tokens, "already_complete": True}
-    if resumed_from:
-        log(f"{cfg.out}: resuming at token {resumed_from} of {meta.n_tokens}")
-    own_engine = engine is None
-    try:
-        if engine is None:
-            engine = make_engine(cfg, n_layers, d_model, tokenizer.pad_token_id or 0)
-    except BaseException:
-        writer.close()
-        raise
-    batches = [b for b in engine.plan(stream.seq_starts) if b.end > resumed_from]
+        log(f"{where}: already complete ({meta.n_tokens} tokens); nothing to do")
+        return {**base, "already_complete": True}
+    if cfg.finalize:
+        try:
+            stats = writer.finalize()
+        finally:
+            writer.close()
+        log(f"{where}: complete")
+        return {**base, "finalized": True, "mean_sq_norm": {k: round(v["mean_sq_norm"], 3) for k, v in stats.items()}}
+    share = writer.share
+    if len(pending) < len(share):
+        log(f"{where}: {me}resuming; {len(share) - len(pending)} of {len(share)} chunks of this share already done")
+    tokens_todo = sum(writer.chunk_range(i)[1] - writer.chunk_range(i)[0] for i in pending)
     t_fwd = time.perf_counter()
+    computed = 0  # tokens run through the model: the batches at a share's ends are also run by a neighbour
     try:
-        with tqdm(total=meta.n_tokens, initial=resumed_from, unit="tok", unit_scale=True, desc="harvest",
-                  dynamic_ncols=True, disable=not cfg.progress) as bar:
-            for batch in batches:
-                writer.write(batch.start, engine.run(batch, stream.ids))
-                bar.update(batch.end - max(batch.start, bar.n))
-        stats = writer.finish()
+        if pending:
+            own_engine = engine is None
+            if engine is None:
+                engine = make_engine(cfg, n_layers, d_model, tokenizer.pad_token_id or 0)
+            t_fwd = time.perf_counter()  # the model is loaded: forward time starts here
+            batches = [b for b in engine.plan(stream.seq_starts) if writer.wants(b.start, b.end)]
+            try:
+                with tqdm(total=tokens_todo, unit="tok", unit_scale=True, desc=f"harvest {me}".strip(),
+                          dynamic_ncols=True, disable=not cfg.progress) as bar:
+                    for batch in batches:
+                        writer.write(batch.start, engine.run(batch, stream.ids))
+                        computed += batch.n_tokens
+                        bar.update(batch.n_tokens)
+                    writer.flush_wait()
+            finally:
+                if own_engine:
+                    engine.close()
+        t_done = time.perf_counter()
+        missing = writer.missing_chunks()
+        if missing:
+            log(f"{where}: {me}share done; {len(missing)} chunks of other workers still to come (the last worker, "
+                f"or harvest --finalize, completes the cache)")
+            result: dict[str, Any] | None = None
+        else:
+            result = writer.finalize()
+        t_final = time.perf_counter() - t_done
     finally:
-        if own_engine:
-            engine.close()
         writer.close()
     elapsed = time.perf_counter() - t0
-    done = meta.n_tokens - resumed_from
     summary = {
-        "out": str(cfg.out), "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})",
-        "regime": cfg.regime, "dataset": cfg.dataset,
-        "tokens": meta.n_tokens, "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
-        "tokens_this_run": done, "resumed_from": resumed_from,
-        "bytes": sum(f.stat().st_size for f in Path(cfg.out).rglob("*") if f.is_file()),
-        "seconds": round(elapsed, 2), "tokens_per_second": round(done / max(time.perf_counter() - t_fwd, 1e-9), 1),
-        "mean_sq_norm": {k: round(v["mean_sq_norm"], 3) for k, v in stats.items()},
+        **base, "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})", "regime": cfg.regime, "dataset": cfg.dataset,
+        "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
+        "tokens_this_run": tokens_todo, "tokens_computed": computed, "chunks_this_run": len(pending),
+        "complete": result is not None, "forward_seconds": round(t_done - t_fwd, 2),
+        "finalize_seconds": round(t_final, 2),
+        "bytes": sum(open_store(where, options).list().values()),
+        "seconds": round(elapsed, 2),
+        "tokens_per_second": round(tokens_todo / max(t_done - t_fwd, 1e-9), 1),
     }
+    if result is not None:
+        summary["mean_sq_norm"] = {k: round(v["mean_sq_norm"], 3) for k, v in result.items()}
     return summary

@@ -259,6 +259,9 @@ class Trainer:
                         bar.update(1)
                     if done % cfg.log_every == 0 or done == total:
                         self._log(groups, scales, done, lr, sparsity)
+                        note = prefetch.wait_note()
+                        if note is not None:
+                            self.echo(f"[rank {d.rank}] {note}" if d.active else note)
                     if stop_after is not None and done >= stop_after and done < total:
                         self._save_checkpoint(ckpt, done, groups, optims)
                         return done
@@ -268,6 +271,7 @@ class Trainer:
             prefetch.close()
             if bar is not None:
                 bar.close()
+            self.echo(f"[rank {d.rank}] {prefetch.total_note()}" if d.active else prefetch.total_note())
         return total if total > start else start
 
     @staticmethod
