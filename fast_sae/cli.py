@@ -13,6 +13,7 @@ import click
 _COMMANDS = {
     "harvest": ("fast_sae.harvest.cli", "harvest_cmd"),
     "info": ("fast_sae.harvest.cli", "info_cmd"),
+    "cache": ("fast_sae.actcache.cli", "cache_group"),
     "train": ("fast_sae.train.cli", "train_cmd"),
     "evaluate": ("fast_sae.evaluate.cli", "evaluate_cmd"),
     "compare": ("fast_sae.evaluate.cli", "compare_cmd"),

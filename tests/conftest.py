@@ -6,6 +6,7 @@ several chunk files exist.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,23 @@ def btp_cache(tmp_path_factory, embedded_model) -> Path:
 @pytest.fixture(scope="session")
 def btf_cache(tmp_path_factory, embedded_model) -> Path:
     return _harvest(tmp_path_factory.mktemp("caches") / "btf", regime="bt-f", max_tokens=2048, context_size=128)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the session; its credentials are in the environment
+    (as a user's would be), the endpoint is given per test (--storage-option or AWS_ENDPOINT_URL)."""
+    from tests.s3server import start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("weed"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

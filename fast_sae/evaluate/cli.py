@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from fast_sae.actcache import StorageConfig, set_default_storage_options
 from fast_sae.options import click_options, from_options
 
 from .errors import EvalError
@@ -34,7 +35,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 @click.command(short_help="Score SAEs: reconstruction, downstream loss, interpretability, intervention.")
 @click.option("--sae", "saes", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="SAE checkpoint folder, or a run folder whose subfolders are checkpoints. Repeatable.")
+              help="SAE checkpoint folder (ours or SAELens'), a run folder whose subfolders are checkpoints, or "
+                   "sae_lens:RELEASE:SAE_ID (a pretrained SAELens release; needs sae-lens and the hub). Repeatable.")
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="The cache the SAEs were trained on; scored on its held-out sequences (cfg eval_sequences) "
                    "unless --eval-cache is given.")
@@ -42,6 +44,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
               help="Score on this cache instead (e.g. BT(P) SAEs on FAST chat tokens: the paper's main "
                    "comparison). Repeatable: every SAE is scored on every eval cache.")
 @click_options(EvalConfig)
+@click_options(StorageConfig)
 def evaluate_cmd(saes: tuple[Path, ...], cache: Path | None, eval_caches: tuple[Path, ...], **params: Any) -> None:
     """Score SAEs: reconstruction (paper eq. 7 MSE, MSE_st, FVE, L0, dead/dense, by token role), downstream
     LM loss with the SAE spliced in, and optionally interpretability and the special-token intervention.
@@ -49,6 +52,7 @@ def evaluate_cmd(saes: tuple[Path, ...], cache: Path | None, eval_caches: tuple[
     from .runner import run_evaluation, summary_table
 
     try:
+        set_default_storage_options(from_options(StorageConfig, params).options())  # for s3://... caches
         caches = list(eval_caches) or ([cache] if cache is not None else [])
         if not caches:
             raise EvalError("no cache: pass --cache (the training cache) and/or --eval-cache")

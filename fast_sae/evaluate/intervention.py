@@ -101,7 +101,7 @@ def special_token_features(sae: Any, cache: ActivationCache, *, top_k: int = 5, 
             return []
     token_set = np.unique(ids[special])
     slot_of = {int(t): i for i, t in enumerate(token_set)}
-    d_sae = int(sae.cfg["d_sae"])
+    d_sae = int(sae.d_sae)
     sums = torch.zeros(len(token_set), d_sae, dtype=torch.float64)
     n_samples = torch.zeros(len(token_set), dtype=torch.int64)
     pending_keys = np.zeros((0, 2), np.int64)  # (sample, token) pairs of the still-open sample

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fast_sae.actcache import ActivationCache
+from fast_sae.saeio import to_plain
 
 from .sources import EvalSelection, SAEEntry
 
@@ -37,17 +38,22 @@ class TrainingFacts:
 def training_facts(entry: SAEEntry) -> TrainingFacts:
     """The training provenance recorded in an SAE's cfg (see the module docstring)."""
     cfg = entry.cfg
-    ds = cfg.get("training_dataset")
-    if not isinstance(ds, dict) and cfg.get("dataset_path"):
-        ds = {"name": cfg["dataset_path"], "fingerprint": cfg.get("dataset_fingerprint")}
-    ranges = cfg.get("train_doc_ids")
-    norm = cfg.get("normalization")
-    if not isinstance(norm, dict) and cfg.get("activation_normalization_factor") is not None:
-        norm = {"factor": cfg["activation_normalization_factor"], "method": cfg.get("training_normalization"),
-                "source": cfg.get("cache_path")}
-    return TrainingFacts(regime=entry.regime, dataset=ds if isinstance(ds, dict) else None,
-                         train_doc_ranges=[(int(a), int(b)) for a, b in ranges] if isinstance(ranges, list) else None,
-                         normalization=norm if isinstance(norm, dict) else None)
+    ds: dict[str, Any] | None = None
+    ranges: list[tuple[int, int]] | None = None
+    if cfg.training is not None:
+        c = cfg.training.cache
+        ds = {"name": c.dataset, "split": c.dataset_split, "config": c.dataset_config,
+              "fingerprint": c.dataset_fingerprint, "docs": c.docs, "holdout_fraction": c.holdout_fraction,
+              "holdout_seed": c.holdout_seed}
+        if cfg.training.train_doc_ids is not None:
+            ranges = [(int(a), int(b)) for a, b in cfg.training.train_doc_ids]
+    if (ds is None or ds["name"] is None) and cfg.dataset_path:
+        ds = {"name": cfg.dataset_path}
+    norm = to_plain(cfg.normalization) if cfg.normalization is not None else None
+    if norm is not None:  # the source cache by its path: one hashable fact per constant
+        norm["source"] = (norm.get("source") or {}).get("path")
+    return TrainingFacts(regime=entry.regime, dataset=ds if ds and ds.get("name") else None,
+                         train_doc_ranges=ranges, normalization=norm)
 
 
 def cache_dataset(cache: ActivationCache) -> dict[str, Any]:

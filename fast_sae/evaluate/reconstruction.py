@@ -104,13 +104,41 @@ class _SubsetSums:
             "n_tokens": self.n,
             "n_sequences": int(has.sum()),
             "mse": mse,
-            "log2_mse": math.log2(mse) if mse > 0 else float("-inf"),
+            "log2_mse": log2_mse(mse),
             "mse_token": self.sum_err / (self.n * d_model),
             "nmse": self.sum_err / self.sum_sq if self.sum_sq > 0 else float("nan"),
             "explained_variance": 1.0 - self.sum_err / centered if centered > 0 else float("nan"),
             "l0": self.l0_sum / self.n,
             "mean_sq_norm": self.sum_sq / self.n,
         }
+
+
+def log2_mse(mse: float) -> float:
+    """log2 of an MSE; a non-finite MSE stays non-finite (NaN stays NaN: never −inf, which would read
+    as a perfect score). Only an MSE of exactly 0 gives −inf."""
+    if not math.isfinite(mse):
+        return mse
+    return math.log2(mse) if mse > 0 else float("-inf")
+
+
+def non_finite_warnings(label: str, result: ReconstructionResult) -> list[str]:
+    """One line per problem that makes this result's numbers meaningless (NaN/Inf in the activations,
+    the SAE's weights or its output), for report.json/report.md and stderr."""
+    nf = result.extra.get("non_finite", {})
+    out = []
+    if nf.get("weights"):
+        out.append(f"{label}: the SAE has non-finite weights ({', '.join(nf['weights'])}); its metrics are not "
+                   f"meaningful")
+    if nf.get("activation_tokens"):
+        out.append(f"{label}: {nf['activation_tokens']} eval token(s) have NaN/Inf activations in the cache; "
+                   f"metrics over them are non-finite (re-harvest or check the cache)")
+    if nf.get("output_tokens"):
+        out.append(f"{label}: the SAE's reconstruction or features are NaN/Inf on {nf['output_tokens']} token(s)")
+    bad = [k for k, v in result.subsets.items() if "mse" in v and not math.isfinite(v["mse"])]
+    if bad:
+        out.append(f"{label}: MSE is non-finite on subset(s) {', '.join(bad)}; log2 MSE is reported as "
+                   f"{result.subsets[bad[0]]['log2_mse']}, not a score")
+    return out
 
 
 @dataclass
@@ -237,10 +265,12 @@ class ReconstructionAccumulator:
                                                np.zeros(d_model)) for filt in filters for name in SUBSETS}
         self.fire_count = np.zeros(d_sae, dtype=np.int64)
         self.n_tokens = 0
+        self.non_finite_outputs = 0  # tokens whose reconstruction or features are NaN/Inf
 
     def update(self, batch: BatchView, x_hat: torch.Tensor, f: torch.Tensor) -> None:
         """Add one batch scored by this SAE (``x_hat`` its reconstruction, ``f`` its feature activations)."""
         err = ((batch.x.double() - x_hat.double()) ** 2).sum(-1).cpu().numpy()
+        self.non_finite_outputs += int((~(torch.isfinite(x_hat).all(-1) & torch.isfinite(f).all(-1))).sum())
         active = f > 0
         l0 = active.sum(-1).cpu().numpy()
         self.fire_count += active.sum(0).cpu().numpy().astype(np.int64)
@@ -298,10 +328,12 @@ def evaluate_reconstruction(saes: dict[str, LoadedSAE], cache: ActivationCache, 
     bar = tqdm(total=selection.n_tokens, unit="tok", desc=f"reconstruction layer {layer} ({len(saes)} SAEs)",
                disable=not cfg.progress, leave=False)
     done = 0
+    bad_x = 0
     for a, b in selection.token_runs():
         for lo in range(a, b, cfg.batch_tokens):
             hi = min(lo + cfg.batch_tokens, b)
             x = torch.from_numpy(np.asarray(cache.read(layer, lo, hi), dtype=np.float32)).to(cfg.device)
+            bad_x += int((~torch.isfinite(x).all(-1)).sum())
             at = slice(done, done + hi - lo)
             batch = BatchView.of(x, view.seq_local[at], view.roles[at], {f: m[at] for f, m in view.keep.items()})
             sq_norm[at] = batch.sq_norm
@@ -313,10 +345,13 @@ def evaluate_reconstruction(saes: dict[str, LoadedSAE], cache: ActivationCache, 
     bar.close()
     info, counts = norm_outliers(sq_norm, view)
     results = {name: acc.result(cfg) for name, acc in accs.items()}
-    for res in results.values():
+    for name, res in results.items():
         for filt in TOKEN_FILTERS:
             subsets = res.subsets if filt == "all_tokens" else res.filtered[filt]
-            for name, metrics in subsets.items():
-                metrics["n_norm_outliers"] = counts[(filt, name)]
+            for sub, metrics in subsets.items():
+                metrics["n_norm_outliers"] = counts[(filt, sub)]
         res.extra["token_filters"] = view.describe() | {"norm_outliers": info}
+        weights = [k for k, p in saes[name].named_parameters() if not bool(torch.isfinite(p).all())]
+        res.extra["non_finite"] = {"weights": weights, "activation_tokens": bad_x,
+                                   "output_tokens": accs[name].non_finite_outputs}
     return results

@@ -87,7 +87,8 @@ def _get(row: dict[str, Any], path: str) -> Any:
 
 
 def fmt(value: Any, spec: str) -> str:
-    """One table cell: '–' for missing or non-finite, percentages for '%'."""
+    """One table cell: '–' for missing, 'nan'/'inf' for non-finite (never shown as a number), percentages
+    for '%'."""
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -95,7 +96,7 @@ def fmt(value: Any, spec: str) -> str:
     if spec == "s":
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
-        return "−inf" if value == float("-inf") else ("inf" if value == float("inf") else "–")
+        return "−inf" if value == float("-inf") else ("inf" if value == float("inf") else "nan")
     if spec == "%":
         return f"{100 * value:.1f}"
     if spec == "d":

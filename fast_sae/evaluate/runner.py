@@ -27,7 +27,13 @@ from .errors import EvalError
 from .interpret.config import JudgeConfig
 from .plots import write_plots
 from .provenance import cache_dataset, check_overlap, eval_documents, training_facts
-from .reconstruction import HEADLINE_FILTER, ReconstructionConfig, evaluate_reconstruction, shared_prefix_length
+from .reconstruction import (
+    HEADLINE_FILTER,
+    ReconstructionConfig,
+    evaluate_reconstruction,
+    non_finite_warnings,
+    shared_prefix_length,
+)
 from .report import main_columns, markdown_table, new_report, write_report
 from .sources import EvalSelection, SAEEntry, check_against_cache, choose_eval_sequences, load_entries, parse_range
 
@@ -268,6 +274,7 @@ def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n
         for e in group:
             rid = _row_id(e, plan.label, n_caches)
             res = results[e.name]
+            report["warnings"] += non_finite_warnings(f"{rid} on {cache.path} layer {layer}", res)
             freq_file = freq_dir / f"{_safe(rid)}.npy"
             np.save(freq_file, res.feature_frequency.astype(np.float32))
             facts = training_facts(e)
@@ -310,18 +317,38 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     report["caches"] = {str(p.cache.path): p.describe() for p in plans}
     rows_by_cache = {str(p.cache.path): _evaluate_cache(cfg, entries, p, len(plans), models, report, log)
                      for p in plans}
-    if cfg.interpret.enabled:
-        _interpret(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], models, log)
-    if cfg.intervention.enabled:
-        # feature discovery needs special tokens: the first eval cache that has chat-template tokens
-        chat = next((p for p in plans if p.cache.meta.regime != "bt-p"), plans[0])
-        _intervene(cfg, entries, chat, rows_by_cache[str(chat.cache.path)], models, log)
-    report["rows"] = [rows[e.name] for rows in rows_by_cache.values() for e in entries]
+    rows = [by_name[e.name] for by_name in rows_by_cache.values() for e in entries]
+    try:
+        if cfg.interpret.enabled:
+            _interpret(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], models, log)
+        if cfg.intervention.enabled:
+            # feature discovery needs special tokens: the first eval cache that has chat-template tokens
+            chat = next((p for p in plans if p.cache.meta.regime != "bt-p"), plans[0])
+            _intervene(cfg, entries, chat, rows_by_cache[str(chat.cache.path)], models, log)
+    except BaseException as exc:  # an interrupt or a failure in the long judged part: keep what is done
+        _write_partial(report, rows, cfg, exc, t0)
+        raise
+    report["rows"] = rows
     if cfg.plots:
         report["plots"] = write_plots(report["rows"], cfg.out / "plots")
     report["seconds"] = round(time.time() - t0, 2)
     write_report(report, cfg.out)
     return report
+
+
+def _write_partial(report: dict[str, Any], rows: list[dict[str, Any]], cfg: EvalConfig, exc: BaseException,
+                   t0: float) -> None:
+    """report.json/report.md with every finished part (reconstruction, downstream, the SAEs already
+    judged), marked incomplete; judge replies already received are also in the judge caches, so a
+    rerun asks only what is missing."""
+    why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'interrupted'}"
+    report.update(rows=rows, incomplete=why, seconds=round(time.time() - t0, 2))
+    report["warnings"].append(f"incomplete evaluation, stopped by {why}; rows without interpretability or "
+                              f"intervention were not finished")
+    try:
+        write_report(report, cfg.out)
+    except Exception:  # never hide the original error behind a second one
+        pass
 
 
 def _interpret(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],

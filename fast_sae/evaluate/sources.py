@@ -5,15 +5,20 @@ regimes (FAST, BT(F), BT(P)) on the *same* held-out chat tokens. Picking those t
 evaluations silently go wrong (scoring an SAE on its own training data, or each SAE on different
 tokens), so the rule lives in one place:
 
-- An SAE's cfg may carry the held-out sequences of its training cache (``eval_sequences``, written
-  by the train stage). When the evaluation cache is (or may be) that training cache, only held-out
-  sequences may be used; with several such SAEs the *intersection* of their held-out sets is used,
-  so every SAE is scored on the same tokens and none on its training data.
-- Whether a cache is an SAE's training cache is decided from identity fields in the cfg (a cache
-  fingerprint or path) when present; without them, a cache whose regime and model match the SAE's
-  is assumed to be its training cache (holding out too much is safe, too little is not).
+- An SAE's cfg.json may record the held-out sequences of its training cache (written by the train
+  stage). When the evaluation cache is (or may be) that training cache, only held-out sequences
+  may be used; with several such SAEs the *intersection* of their held-out sets is used, so every
+  SAE is scored on the same tokens and none on its training data.
+- Whether a cache is an SAE's training cache is decided from the cache identity the cfg records
+  (path, dataset fingerprint, token count) when present; without it, a cache whose regime matches
+  the SAE's is assumed to be its training cache (holding out too much is safe, too little is not).
 - Otherwise (e.g. BT(P) SAEs on a FAST chat cache) every sequence of the cache may be used.
 Then at most ``max_tokens`` tokens are taken, whole sequences in stream order.
+
+``--sae`` values: checkpoint folders (this project's or SAELens', 6.x or pre-6.0 layout), run folders
+holding them, or ``sae_lens:RELEASE:SAE_ID``, a pretrained SAE loaded with SAELens' own
+``SAE.from_pretrained`` (needs sae-lens and the hub) and kept as a checkpoint folder under
+``$FAST_SAE_HOME/sae_lens/`` so every later step can reopen it like any other.
 """
 from __future__ import annotations
 
@@ -24,15 +29,10 @@ from typing import Any
 import numpy as np
 
 from fast_sae.actcache import ActivationCache
-from fast_sae.saeio import SAE_CFG, LoadedSAE, load_sae
+from fast_sae.saeio import SAE_CFG, CheckpointConfig, LoadedSAE, load_sae, save_sae
+from fast_sae.saeio.sae_lens import is_spec, load_pretrained, parse_spec
 
 from .errors import EvalError
-
-# cfg fields the train stage may use; the first present wins.
-HELD_OUT_KEYS = ("eval_sequence_range", "eval_sequences", "held_out_sequences")  # train writes the first
-REGIME_KEYS = ("regime", "training_regime", "cache_regime")
-FINGERPRINT_KEYS = ("cache_fingerprint", "dataset_fingerprint")
-CACHE_PATH_KEYS = ("cache_path", "cache", "activation_cache", "train_cache")
 
 
 @dataclass
@@ -40,43 +40,49 @@ class SAEEntry:
     """One checkpoint to evaluate, loaded, with the cfg facts the report groups by."""
 
     name: str
-    path: Path
+    path: Path  # the checkpoint folder (for a sae_lens: spec, the converted copy)
     sae: LoadedSAE
-    cfg: dict[str, Any]
+    source: str = ""  # what --sae named, when not the folder itself (a sae_lens: spec)
+
+    @property
+    def cfg(self) -> CheckpointConfig:
+        return self.sae.cfg
+
+    @property
+    def cfg_file(self) -> str:
+        """Where the cfg came from, for error messages."""
+        return self.source or str(self.path / SAE_CFG)
 
     @property
     def layer(self) -> int:
-        return int(self.cfg["hook_layer"])
+        return self.cfg.layer
 
     @property
     def architecture(self) -> str:
-        return str(self.cfg["architecture"])
+        return self.cfg.architecture
 
     @property
     def d_in(self) -> int:
-        return int(self.cfg["d_in"])
+        return self.cfg.d_in
 
     @property
     def d_sae(self) -> int:
-        return int(self.cfg["d_sae"])
+        return self.cfg.d_sae
 
     @property
     def regime(self) -> str:
         """The regime the SAE was trained under (fast, bt-f, bt-p), or 'unknown'."""
-        for key in REGIME_KEYS:
-            if self.cfg.get(key):
-                return str(self.cfg[key])
-        return "unknown"
+        return self.cfg.regime
 
     @property
     def model_name(self) -> str | None:
-        return self.cfg.get("model_name")
+        return self.cfg.model_name
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "path": str(self.path), "architecture": self.architecture, "d_in": self.d_in,
-                "d_sae": self.d_sae, "expansion": self.d_sae / self.d_in, "layer": self.layer,
-                "hook_name": self.cfg.get("hook_name"), "regime": self.regime, "model_name": self.model_name,
-                "k": self.cfg.get("k")}
+        return {"name": self.name, "path": self.source or str(self.path), "architecture": self.architecture,
+                "d_in": self.d_in, "d_sae": self.d_sae, "expansion": self.d_sae / self.d_in, "layer": self.layer,
+                "hook_name": self.cfg.hook_name, "regime": self.regime, "model_name": self.model_name,
+                "k": self.cfg.k}
 
 
 def _is_checkpoint(folder: Path) -> bool:
@@ -87,6 +93,8 @@ def discover_sae_folders(paths: list[str | Path]) -> list[Path]:
     """Checkpoint folders named directly, or the direct subfolders of a run folder that hold cfg.json."""
     found: list[Path] = []
     for raw in paths:
+        if is_spec(str(raw)):
+            continue  # loaded by load_entries, not found on disk
         path = Path(raw)
         if not path.exists():
             raise EvalError(f"{path}: no such SAE checkpoint or run folder")
@@ -114,55 +122,60 @@ def _unique_names(folders: list[Path]) -> list[str]:
     return [f"{f.parent.name}/{f.name}" if names.count(f.name) > 1 else f.name for f in folders]
 
 
-def load_entries(paths: list[str | Path], device: str = "cpu") -> list[SAEEntry]:
-    """Load every checkpoint found under ``paths``; checkpoint errors pass through as one line."""
+def sae_lens_store() -> Path:
+    """Where pretrained SAELens SAEs are kept as checkpoint folders ($FAST_SAE_HOME/sae_lens)."""
+    from fast_sae.lm import home
+
+    return home() / "sae_lens"
+
+
+def load_sae_lens_spec(spec: str, device: str = "cpu", store: Path | None = None) -> SAEEntry:
+    """``sae_lens:RELEASE:SAE_ID`` through SAELens, saved as a checkpoint folder under ``store``."""
+    release, sae_id = parse_spec(spec)
+    sae = load_pretrained(spec)
+    folder = (store or sae_lens_store()) / _safe_name(release) / _safe_name(sae_id)
+    save_sae(folder, sae.weights(), sae.cfg)
+    return SAEEntry(name=f"{release}:{sae_id}", path=folder, sae=sae.to(device), source=spec)
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip(".") or "_"
+
+
+def load_entries(paths: list[str | Path], device: str = "cpu", sae_lens_dir: Path | None = None) -> list[SAEEntry]:
+    """Load every checkpoint found under ``paths`` (and every sae_lens: spec); errors pass through as one line."""
     folders = discover_sae_folders(paths)
-    entries = []
-    for name, folder in zip(_unique_names(folders), folders):
-        sae = load_sae(folder, device=device)
-        entries.append(SAEEntry(name=name, path=folder, sae=sae, cfg=sae.cfg))
+    names = dict(zip(folders, _unique_names(folders)))
+    entries: list[SAEEntry] = []
+    for raw in paths:  # in the order given
+        if is_spec(str(raw)):
+            entries.append(load_sae_lens_spec(str(raw), device, sae_lens_dir))
+            continue
+        for folder in discover_sae_folders([raw]):
+            folder = next(f for f in folders if f.resolve() == folder.resolve())
+            if folder in names:
+                entries.append(SAEEntry(name=names.pop(folder), path=folder, sae=load_sae(folder, device=device)))
     return entries
+
+
+def _model_key(name: str) -> str:
+    """SAELens releases name models without the hub organisation (``gemma-2-2b`` for ``google/gemma-2-2b``)."""
+    return name.rsplit("/", 1)[-1].lower()
 
 
 def check_against_cache(entry: SAEEntry, cache: ActivationCache, model_id: str | None = None) -> None:
     """Refuse an SAE whose layer, width or model does not fit the cache (one line naming both)."""
+    where = entry.cfg_file
     if entry.layer not in cache.layers:
-        raise EvalError(f"{entry.path}: hook_layer {entry.layer} not in cache {cache.path} (layers {cache.layers})")
+        raise EvalError(f"{where}: hook_layer {entry.layer} not in cache {cache.path} (layers {cache.layers}; the "
+                        f"layer of field 'hook_name' {entry.cfg.hook_name!r})")
     if entry.d_in != cache.d_model:
-        raise EvalError(f"{entry.path}: d_in {entry.d_in} does not match d_model {cache.d_model} of cache {cache.path}")
+        raise EvalError(f"{where}: field 'd_in' {entry.d_in} does not match d_model {cache.d_model} of cache "
+                        f"{cache.path}")
     expected = model_id or cache.meta.model_id
-    if entry.model_name and expected and entry.model_name != expected:
-        raise EvalError(f"{entry.path}: trained on model {entry.model_name!r} but cache {cache.path} holds "
-                        f"{expected!r}")
-
-
-def held_out_ranges(cfg: dict[str, Any]) -> list[tuple[int, int]] | None:
-    """The held-out sequence ranges [start, stop) recorded in a cfg, or None.
-
-    Accepted shapes: [start, stop]; {"start": a, "stop": b}; a list of either. The first field of
-    ``HELD_OUT_KEYS`` present wins (train writes ``eval_sequence_range``); a bare count under
-    another name (train's ``eval_sequences`` option) is not a range and is skipped.
-    """
-    key = next((k for k in HELD_OUT_KEYS if cfg.get(k) is not None and not isinstance(cfg[k], (int, float))), None)
-    if key is None:
-        return None
-    value = cfg[key]
-
-    def is_pair(v: Any) -> bool:
-        return isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v)
-
-    def one(v: Any) -> tuple[int, int]:
-        if isinstance(v, dict) and "start" in v and "stop" in v:
-            return int(v["start"]), int(v["stop"])
-        if is_pair(v):
-            return int(v[0]), int(v[1])
-        raise EvalError(f"cfg field {key}: cannot read {v!r} as a [start, stop) sequence range")
-
-    if isinstance(value, dict) or is_pair(value):
-        return [one(value)]
-    if isinstance(value, (list, tuple)):
-        return [one(v) for v in value]
-    raise EvalError(f"cfg field {key}: cannot read {value!r} as sequence ranges")
+    if entry.model_name and expected and _model_key(entry.model_name) != _model_key(expected):
+        raise EvalError(f"{where}: trained on model {entry.model_name!r} (field 'model_name') but cache "
+                        f"{cache.path} holds {expected!r}")
 
 
 def trained_on(entry: SAEEntry, cache: ActivationCache) -> bool:
@@ -172,19 +185,19 @@ def trained_on(entry: SAEEntry, cache: ActivationCache) -> bool:
     decides, together with the regime and token count: FAST and BT(F) caches of the same chat data
     share a dataset fingerprint but not their sequences. Without either, a matching regime means yes.
     """
-    cfg = entry.cfg
-    for key in CACHE_PATH_KEYS:
-        if isinstance(cfg.get(key), str) and cfg[key]:
-            try:
-                if Path(cfg[key]).resolve() == cache.path.resolve():
-                    return True
-            except OSError:
-                pass
-    fingerprint = next((cfg[k] for k in FINGERPRINT_KEYS if cfg.get(k)), None)
-    if fingerprint and cache.meta.dataset_fingerprint:
-        return (fingerprint == cache.meta.dataset_fingerprint and entry.regime in ("unknown", cache.meta.regime)
-                and int(cfg.get("cache_n_tokens", cache.n_tokens)) == cache.n_tokens)
-    if any(isinstance(cfg.get(key), str) and cfg[key] for key in CACHE_PATH_KEYS):
+    training = entry.cfg.training
+    recorded = training.cache if training else None
+    if recorded is not None and recorded.path:
+        try:
+            if Path(recorded.path).resolve() == cache.path.resolve():
+                return True
+        except OSError:
+            pass
+    if recorded is not None and recorded.dataset_fingerprint and cache.meta.dataset_fingerprint:
+        n_tokens = recorded.n_tokens if recorded.n_tokens is not None else cache.n_tokens
+        return (recorded.dataset_fingerprint == cache.meta.dataset_fingerprint
+                and entry.regime in ("unknown", cache.meta.regime) and n_tokens == cache.n_tokens)
+    if recorded is not None and recorded.path:
         return False  # trained on a cache at another path, and nothing says it is this one
     return entry.regime in ("unknown", cache.meta.regime)
 
@@ -247,7 +260,7 @@ def choose_eval_sequences(entries: list[SAEEntry], cache: ActivationCache, *,
         for e in entries:
             if not trained_on(e, cache):
                 continue
-            ranges = [(a, b) for a, b in held_out_ranges(e.cfg) or [] if b > a]
+            ranges = [(a, b) for a, b in e.cfg.eval_sequence_ranges or [] if b > a]
             if not ranges:
                 warnings.append(f"{e.name}: may have been trained on {cache.path} and holds out no sequences "
                                 f"of it; its metrics may include training tokens")

@@ -7,16 +7,17 @@ from typing import Any
 
 import click
 
-from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.actcache import ActivationCache, CacheError, StorageConfig
 from fast_sae.lm import ModelLoadError
 from fast_sae.options import click_options, from_options
 
 from .data import DataError
+from .engine import EngineError
 from .render import TemplateError
 from .run import HarvestConfig
 from .streams import StreamError
 
-_USER_ERRORS = (CacheError, DataError, ModelLoadError, TemplateError, StreamError, ValueError)
+_USER_ERRORS = (CacheError, DataError, EngineError, ModelLoadError, TemplateError, StreamError, ValueError)
 
 
 @click.command()
@@ -40,27 +41,42 @@ def harvest_cmd(**params: Any) -> None:
 @click.command()
 @click.argument("cache", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info_cmd(cache: Path, as_json: bool) -> None:
-    """Print a readable summary of a cache (complete or not)."""
+@click.option("--verify", is_flag=True, help="Read every chunk and check its size, checksum, decoding and "
+                                             "finiteness (reads the whole cache).")
+@click_options(StorageConfig)
+def info_cmd(cache: Path, as_json: bool, verify: bool, **params: Any) -> None:
+    """Print a readable summary of a cache (complete or not); CACHE is a folder or a URL."""
     try:
-        s = ActivationCache.open(cache, require_complete=False).summary()
+        storage = from_options(StorageConfig, params)
+        c = ActivationCache.open(cache, require_complete=False, options=storage.options())
+        s = c.summary()
+        if verify:
+            from tqdm import tqdm
+
+            total = len(c.layers) * c.n_chunks
+            with tqdm(total=total, unit="chunk", desc="verify", disable=as_json) as bar:
+                s["verified_files"] = c.verify_all(progress=bar.update)
     except CacheError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
-    status = "complete" if s["complete"] else f"INCOMPLETE ({s['tokens_committed']} of {s['n_tokens']} tokens committed)"
+    status = "complete" if s["complete"] else f"INCOMPLETE ({s['progress']})"
+    fp = s["dataset_fingerprint"] or ""
     lines = [
-        f"cache        {s['path']}  [{status}]",
+        f"cache        {s['path']}  [{status}]  format {s['format_version']}",
         f"model        {s['model']}",
         f"regime       {s['regime']}  (context {s['context_size']})",
-        f"dataset      {s['dataset']}  sha256 {s['dataset_fingerprint'][:12]}",
+        f"dataset      {s['dataset']}  sha256 {fp[:12]}",
         f"tokens       {s['n_tokens']:,} in {s['n_sequences']:,} sequences",
         f"layers       {s['layers']}  d_model {s['d_model']}  {s['dtype']}  compression {s['compression']}",
-        f"chunks       {s['chunk_tokens']} tokens;  {s['bytes_on_disk'] / 2**20:.1f} MiB on disk",
+        f"chunks       {s['chunk_tokens']} tokens;  {s['bytes_on_disk'] / 2**20:.1f} MiB stored",
         "roles        " + ", ".join(f"{k} {v:,}" for k, v in s["roles"].items()),
     ]
     for layer, st in (s["stats"] or {}).items():
-        lines.append(f"layer {layer:<6} E|x|^2 {st['mean_sq_norm']:.2f}  content-only {st['mean_sq_norm_content'] or 0:.2f}"
-                     f"  median |x| {st['median_norm']:.2f}  max |x| {st['max_norm']:.1f}")
+        lines.append(f"layer {layer:<6} E|x|^2 {st['mean_sq_norm']:.2f}  content-only "
+                     f"{st['mean_sq_norm_content'] or 0:.2f}  median |x| {st['median_norm']:.2f}  "
+                     f"max |x| {st['max_norm']:.1f}")
+    if verify:
+        lines.append(f"verified     {s['verified_files']} files: sizes, checksums, decoding and finiteness all good")
     click.echo("\n".join(lines))

@@ -50,7 +50,9 @@ def _chatterbot_conversations() -> Iterator[list[Message]]:
     for f in sorted(folder.glob("*.yml")):
         doc = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
         for conv in doc.get("conversations") or []:
-            turns = [str(t).strip() for t in conv if str(t).strip()]
+            # A plain-string entry (a YAML slip: trivia.yml #13 lost its list markers) is one turn;
+            # iterating it would make one turn per character.
+            turns = [str(t).strip() for t in ([conv] if isinstance(conv, str) else conv) if str(t).strip()]
             if turns:
                 yield [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
 
@@ -69,13 +71,10 @@ def _hf_rows(src: DataSource) -> Iterator[dict[str, Any]]:
     import datasets
 
     path = Path(src.name)
+    files: list[str] = []
     try:
         if path.exists():
-            files = sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else [str(path)]
-            suffix = Path(files[0]).suffix.lower() if files else ""
-            builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
-            if builder is None:
-                raise DataError(f"{src.name}: expected .json, .jsonl, .parquet or .csv files")
+            files, builder = _local_files(path)
             rows: Iterable[dict[str, Any]] = datasets.load_dataset(builder, data_files=files, split="train")
         else:
             rows = datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
@@ -83,8 +82,64 @@ def _hf_rows(src: DataSource) -> Iterator[dict[str, Any]]:
     except DataError:
         raise
     except Exception as exc:  # datasets raises many kinds (network, schema, missing split)
+        bad = _first_bad_json_line(files)
+        if bad:
+            raise DataError(bad) from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"dataset {src.name!r}: cannot load ({first})") from None
+
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _local_files(path: Path) -> tuple[list[str], str]:
+    """The data files of a local path and their one ``datasets`` builder; a file of another kind is named.
+
+    Hidden files (``.DS_Store``, ``.gitattributes``) are skipped; anything else must be data, since
+    a stray file would otherwise fail deep inside ``datasets`` with no file name.
+    """
+    found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts)) if path.is_dir() else [path]
+    if not found:
+        raise DataError(f"{path}: no data files (expected .json, .jsonl, .parquet or .csv)")
+    builders: dict[str, Path] = {}
+    for f in found:
+        builder = _BUILDERS.get(f.suffix.lower())
+        if builder is None:
+            raise DataError(f"{f}: not a data file (expected .json, .jsonl, .parquet or .csv)")
+        builders.setdefault(builder, f)
+    if len(builders) > 1:
+        a, b = list(builders.values())[:2]
+        raise DataError(f"{path}: mixes file kinds ({a.name} and {b.name}); keep one of .json/.jsonl, .parquet, .csv")
+    return [str(f) for f in found], next(iter(builders))
+
+
+def _first_bad_json_line(files: list[str]) -> str | None:
+    """'FILE line N: reason' for the first line of a JSON-lines file that is not a JSON object, else None.
+
+    Run only after ``datasets`` failed, whose own message names neither the file nor the line. A
+    ``.json`` file that parses as one document (a JSON array) is not JSON lines and is skipped.
+    """
+    for name in files:
+        if Path(name).suffix.lower() not in (".json", ".jsonl"):
+            continue
+        text = Path(name).read_text(encoding="utf-8", errors="replace")
+        if name.lower().endswith(".json"):
+            try:
+                json.loads(text)
+                continue
+            except ValueError:
+                pass
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                return f"{name} line {n}: not valid JSON ({exc})"
+            if not isinstance(row, dict):
+                return f"{name} line {n}: expected a JSON object per line, got {type(row).__name__}"
+    return None
 
 
 def row_to_messages(row: dict[str, Any], where: str) -> list[Message]:

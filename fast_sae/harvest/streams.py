@@ -10,7 +10,8 @@ then be harvested from one dataset with provably disjoint documents.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 from fast_sae.actcache import Role, TokenArrays
 
 from .data import Fingerprint
-from .render import TemplateInfo, render_conversation
+from .render import MESSAGE_ROLES, RenderError, RenderPolicy, TemplateInfo, render_conversation
 
 SEPARATORS = ("none", "bos", "eos")
 DOC_SETS = ("all", "train", "holdout")
@@ -80,17 +81,40 @@ class Piece:
     doc_id: int
 
 
+def _stderr(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
 def chat_pieces(conversations: Iterable[list[dict[str, str]]], tokenizer: Any, info: TemplateInfo,
-                fingerprint: Fingerprint, system_prompt: str | None = None,
-                selection: DocSelection = ALL_DOCS) -> Iterator[Piece]:
-    """Rendered conversations of the selected documents; skipped ones are neither rendered nor fingerprinted."""
+                fingerprint: Fingerprint, system_prompt: str | None = None, policy: RenderPolicy | None = None,
+                warn: Callable[[str], None] = _stderr, selection: DocSelection | None = None) -> Iterator[Piece]:
+    """Rendered conversations; the first use of each unknown role and of special-token text in content
+    is reported through ``warn`` (what the policy did with it), and a refusal names the conversation.
+    Only the documents ``selection`` keeps are rendered and fingerprinted."""
+    policy = policy or RenderPolicy()
+    selection = selection or ALL_DOCS
+    seen: set[str] = set()
+    escaped_reported = False
     for doc_id, messages in enumerate(conversations):
         if not selection.keep(doc_id):
             continue
         if system_prompt is not None and not (messages and messages[0]["role"] == "system"):
             messages = [{"role": "system", "content": system_prompt}, *messages]
         fingerprint.add(messages)
-        ids, roles = render_conversation(tokenizer, messages, info)
+        try:
+            ids, roles = render_conversation(tokenizer, messages, info, policy)
+        except RenderError as exc:
+            raise RenderError(f"conversation {doc_id}: {exc}") from None
+        for i, m in enumerate(messages):
+            if m["role"] not in MESSAGE_ROLES and m["role"] not in seen:
+                seen.add(m["role"])
+                warn(f"conversation {doc_id}: role {m['role']!r} is stored with role code 'other' "
+                     f"(neither special nor content in the metrics)")
+            hit = next((t for t in info.special_strings if t in m["content"]), None)
+            if hit is not None and not escaped_reported:
+                escaped_reported = True
+                warn(f"conversation {doc_id}: message {i} ({m['role']}) contains special-token text {hit!r}; "
+                     f"tokenized as plain text (further cases are not reported)")
         yield Piece(ids, roles, doc_id)
 
 

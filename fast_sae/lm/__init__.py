@@ -5,6 +5,8 @@ from .blocks import block_hidden, decoder_layers, map_block_output, model_info
 from .embedded import EMBEDDED_MODEL, embedded_model_dir, home
 from .errors import ModelLoadError
 from .loading import DTYPES, load_model, load_tokenizer, resolve
+from .truncate import local_checkpoint, truncated_checkpoint
 
 __all__ = ["DTYPES", "EMBEDDED_MODEL", "ModelLoadError", "block_hidden", "decoder_layers", "embedded_model_dir",
-           "home", "load_model", "load_tokenizer", "map_block_output", "model_info", "resolve"]
+           "home", "load_model", "load_tokenizer", "local_checkpoint", "map_block_output", "model_info", "resolve",
+           "truncated_checkpoint"]

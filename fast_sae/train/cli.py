@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from fast_sae.actcache import CacheError
-from fast_sae.options import click_options, option_values
+from fast_sae.actcache import CacheError, StorageConfig, set_default_storage_options
+from fast_sae.options import click_options, from_options, option_values
 from fast_sae.saeio import CheckpointError
 
 from .config import ConfigError, GridConfig, TrainConfig, build_config, load_config_file
@@ -23,13 +23,14 @@ from .trainer import RunError, Trainer
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("cache", type=click.Path(path_type=Path))
+@click.argument("cache", type=click.Path(path_type=Path), metavar="CACHE")
 @click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path),
               help="Run folder: one SAE folder per grid entry, metrics.jsonl, checkpoints. Rerun to resume.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path),
               help="TOML/YAML/JSON run file with [train] and [grid] sections; command-line values override it.")
 @click_options(GridConfig, overrides=True)
 @click_options(TrainConfig, overrides=True)
+@click_options(StorageConfig)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @click.option("--stop-after-steps", type=int, hidden=True,
               help="Checkpoint and stop after this many steps (to test resuming).")
@@ -43,6 +44,7 @@ def train_cmd(cache: Path, out: Path, config_file: Path | None, progress: bool, 
     from fast_sae.actcache import ActivationCache
 
     try:
+        set_default_storage_options(from_options(StorageConfig, params).options())  # never stored in the run
         doc = load_config_file(config_file) if config_file else {}
         grid_over = option_values(GridConfig, params)
         train_over = option_values(TrainConfig, params)

@@ -17,8 +17,9 @@ from typing import Any
 import tomllib
 
 from fast_sae.options import build, setting
+from fast_sae.saeio import ARCHITECTURE_NAMES, get_architecture
 
-ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")
+ARCHITECTURES = ARCHITECTURE_NAMES  # the checkpoint format's registry is the one list of architectures
 ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
@@ -119,7 +120,7 @@ class SAESpec:
     @property
     def name(self) -> str:
         s = self.sparsity
-        if self.architecture in ("topk", "batchtopk"):
+        if self.k is not None:
             tag = f"k{int(s)}"
         else:
             tag = ("l1_" if self.architecture == "standard" else "l0_") + f"{s:g}"
@@ -130,7 +131,7 @@ class SAESpec:
 
     @property
     def k(self) -> int | None:
-        return int(self.sparsity) if self.architecture in ("topk", "batchtopk") else None
+        return int(self.sparsity) if get_architecture(self.architecture).records_k else None
 
 
 @dataclass
@@ -165,7 +166,7 @@ class GridConfig:
                     if ef <= 0:
                         raise ConfigError(f"expansion factor must be positive, got {ef}")
                     for s in values:
-                        if arch in ("topk", "batchtopk") and (int(s) != s or s <= 0):
+                        if get_architecture(arch).records_k and (int(s) != s or s <= 0):
                             raise ConfigError(f"k must be a positive integer, got {s}")
                         if s < 0:
                             raise ConfigError(f"sparsity coefficient must be >= 0, got {s}")
@@ -176,6 +177,14 @@ class GridConfig:
         if len(set(names)) != len(names):
             raise ConfigError("the grid has duplicate SAEs")
         return out
+
+
+def check_widths(specs: list[SAESpec], d_in: int) -> None:
+    """Settings that depend on the cache's d_model: a TopK/BatchTopK k must fit in d_sae."""
+    for s in specs:
+        if s.k is not None and s.k > s.d_sae(d_in):
+            raise ConfigError(f"k {s.k} of {s.name} is larger than its d_sae {s.d_sae(d_in)} (d_model {d_in} x "
+                              f"expansion factor {s.expansion_factor}); use a smaller k or a wider SAE")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,15 +1,19 @@
 """Reading activations out of the cache: contiguous ranges by memory map, row gathers, prefetch.
 
-Why memory maps: an uncompressed chunk file is a plain C-order array, so a contiguous range of
-tokens is one ``memcpy`` from the page cache, with no decode and no zarr overhead; the reads are
-sequential, which is what disks and the kernel's read-ahead like. Compressed caches go through
-zarr's decoder (``ActivationCache.read``). All reads return float32 and are scaled by the run's
+Why memory maps: an uncompressed chunk file of a local cache is a plain C-order array, so a
+contiguous range of tokens is one ``memcpy`` from the page cache, with no decode and no zarr
+overhead; the reads are sequential, which is what disks and the kernel's read-ahead like. Remote
+and compressed caches are read through the cache's read-ahead (several chunks fetched, verified and
+decoded on background threads ahead of the stream, wrapping at the end of the training tokens like
+the stream does). Every chunk's checksum is checked on its first read in the process, and every
+row leaving here is checked finite. All reads return float32 and are scaled by the run's
 normalisation factor here, once, so the trainer never sees raw activations.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.actcache.integrity import check_finite as _check_finite
 
 
 @dataclass(frozen=True)
@@ -62,23 +67,14 @@ class LayerReader:
         self.layer = layer
         self.scale = np.float32(scale)
         self.chunk = cache.meta.chunk_tokens
+        self.wrap_at: int | None = None  # set by TokenStream: the stream wraps to token 0 here
         self._maps: dict[int, np.ndarray] = {}
 
     def _chunk(self, index: int) -> np.ndarray:
         mm = self._maps.get(index)
         if mm is None:
-            if self.cache.memmappable:
-                mm = self.cache.memmap_chunk(self.layer, index)
-            else:
-                start = index * self.chunk
-                try:
-                    mm = self.cache.read(self.layer, start, start + self.cache.chunk_rows(index))
-                except CacheError:
-                    raise
-                except Exception as exc:  # zarr/numcodecs raise many kinds on a corrupt compressed chunk
-                    raise CacheError(f"{self.cache.chunk_file(self.layer, index)}: cannot decode chunk "
-                                     f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-            # Bound what is kept: maps cost no memory, but decoded zstd chunks are whole arrays.
+            mm = self.cache.chunk(self.layer, index, wrap_at=self.wrap_at)
+            # Bound what is kept: maps cost no memory, but fetched chunks are whole arrays.
             if len(self._maps) >= (64 if self.cache.memmappable else 2):
                 self._maps.clear()
             self._maps[index] = mm
@@ -116,6 +112,8 @@ class LayerReader:
         sorted_idx = indices[order]
         chunk_of = sorted_idx // self.chunk
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        if not self.cache.memmappable:  # start fetching every chunk the gather touches
+            self.cache.readahead(self.layer, wrap_at=self.wrap_at).prefetch(np.unique(chunk_of).tolist())
         for part, rows in zip(np.split(sorted_idx, bounds), np.split(order, bounds)):
             if len(part) == 0:
                 continue
@@ -131,14 +129,10 @@ def check_finite(rows: np.ndarray, reader: LayerReader, tokens: int | np.ndarray
     """NaN/inf activations mean a corrupt chunk (or a broken harvest): stop with the place, not a NaN loss.
 
     ``tokens`` is the first row's token index (contiguous rows) or every row's token index."""
-    # A sum is non-finite iff some element is (or, rarely, it overflows): one cheap reduction, and
-    # the exact element test only when it fires.
-    if not np.isfinite(np.add.reduce(rows, axis=None)) and not np.isfinite(rows).all():
-        row = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-        bad = int(tokens[row]) if isinstance(tokens, np.ndarray) else tokens + row
-        raise CacheError(f"{reader.cache.path}: layer {reader.layer} holds non-finite activations "
-                         f"(token {bad}, chunk file {reader.cache.chunk_file(reader.layer, bad // reader.chunk)}); "
-                         f"the cache is corrupt")
+    first = int(tokens[0]) if isinstance(tokens, np.ndarray) and len(tokens) else tokens
+    where = (f"{reader.cache.path}: layer {reader.layer} (chunk file "
+             f"{reader.cache.chunk_file(reader.layer, int(first) // reader.chunk)})")
+    _check_finite(rows, where, tokens)
 
 
 def readers_for(cache: ActivationCache, layers: list[int], scales: dict[int, float]) -> dict[int, LayerReader]:
@@ -157,6 +151,8 @@ class TokenStream:
             raise CacheError("no training tokens left after holding out the evaluation sequences")
         self.readers = readers
         self.n_train = n_train
+        for reader in readers.values():
+            reader.wrap_at = n_train
 
     def read(self, position: int, count: int) -> dict[int, np.ndarray]:
         out = {}
@@ -188,6 +184,9 @@ class Prefetcher:
 
     def __init__(self, make_iter: Callable[[], Iterator[Any]], depth: int = 2) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.waited = 0.0  # seconds the consumer was blocked waiting for data
+        self._started = time.perf_counter()
+        self._noted = (self._started, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(make_iter,), name="train-prefetch", daemon=True)
         self._thread.start()
@@ -211,12 +210,33 @@ class Prefetcher:
         return self
 
     def __next__(self) -> Any:
-        item = self._queue.get()
+        try:
+            item = self._queue.get_nowait()
+        except queue.Empty:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self.waited += time.perf_counter() - t0
         if item is _END:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
+
+    def wait_note(self, threshold: float = 0.1) -> str | None:
+        """A line when, since the last call, the consumer spent more than ``threshold`` of the time
+        waiting for data (the reader, not the SAEs, is the bottleneck); else None."""
+        now = time.perf_counter()
+        t_last, w_last = self._noted
+        self._noted = (now, self.waited)
+        span, waited = now - t_last, self.waited - w_last
+        if span <= 0 or waited <= threshold * span:
+            return None
+        return (f"waiting on data: {waited:.1f} s of the last {span:.1f} s ({100 * waited / span:.0f}%); the cache "
+                f"is read slower than the SAEs train")
+
+    def total_note(self) -> str:
+        span = max(time.perf_counter() - self._started, 1e-9)
+        return f"data wait: {self.waited:.1f} s of {span:.1f} s ({100 * self.waited / span:.0f}%)"
 
     def close(self) -> None:
         self._stop.set()

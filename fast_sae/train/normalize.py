@@ -23,44 +23,21 @@ raw units for every regime.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from fast_sae.actcache import CONTENT_ROLES, ActivationCache, CacheError
+from fast_sae.saeio import Normalization
 
+from .export import cache_record
 from .loader import LayerReader
 
 NORM_SAMPLE_TOKENS = 262_144
 NORM_SAMPLE_SEED = 0  # fixed: the constant is a property of the cache and token range, not of the run's seed
 OUTLIER_FACTOR = 10.0
 _READ_BLOCK = 16_384
-
-
-@dataclass
-class Normalization:
-    """The factor applied to one layer's activations (x_train = factor * x_raw) and where it came from."""
-
-    method: str  # what was applied: content | all | none
-    requested: str  # what the run asked for (content falls back to all without content tokens)
-    factor: float
-    layer: int
-    source: str | None = None  # the cache the statistic was computed on (absolute path)
-    source_token_range: tuple[int, int] | None = None  # its tokens [start, stop) the sample was drawn from
-    statistic: str | None = None  # in words
-    mean_sq_norm: float | None = None  # the statistic itself, raw units
-    n_sampled: int = 0
-    n_used: int = 0
-    excluded_position0: int = 0
-    excluded_outliers: int = 0
-    excluded_roles: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["source_token_range"] = list(self.source_token_range) if self.source_token_range else None
-        return d
 
 
 def sample_indices(start: int, stop: int, n: int, seed: int) -> np.ndarray:
@@ -121,8 +98,7 @@ def normalization(cache: ActivationCache, layer: int, method: str, token_range: 
                   sample_tokens: int = NORM_SAMPLE_TOKENS) -> Normalization:
     """The factor s with E||s x||^2 = d_model over ``robust_mean_sq_norm`` of ``token_range`` (or 1 for none)."""
     if method == "none":
-        return Normalization(method="none", requested="none", factor=1.0, layer=layer,
-                             statistic="none: raw activations")
+        return Normalization(method="none", requested="none", factor=1.0, layer=layer, statistic=None)
     if layer not in cache.meta.layers:
         raise CacheError(f"{cache.path}: layer {layer} not in the cache (layers {cache.meta.layers}); "
                          f"cannot take the normalisation from it")
@@ -137,7 +113,7 @@ def normalization(cache: ActivationCache, layer: int, method: str, token_range: 
     statistic = (f"mean ||x||^2 over {roles} at positions > 0 with ||x|| <= {OUTLIER_FACTOR:g} x the median norm, "
                  f"in a seeded sample of at most {sample_tokens} tokens of the source's token range")
     return Normalization(method=st.pop("method"), requested=method, factor=math.sqrt(cache.meta.d_model / msn),
-                         layer=layer, source=str(cache.path.resolve()),
+                         layer=layer, source=cache_record(cache),
                          source_token_range=(int(token_range[0]), int(token_range[1])),
                          statistic=statistic, mean_sq_norm=msn, **st)
 

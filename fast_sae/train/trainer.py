@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,18 +21,20 @@ import numpy as np
 import torch
 
 from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.saeio import CheckpointConfig, Normalization, TrainingData, id_ranges, resid_post_hook
 
 from .buffer import BatchOrder, mixing_half
 from .checkpoint import Checkpointer
-from .config import GridConfig, SAESpec, TrainConfig
+from .config import GridConfig, SAESpec, TrainConfig, check_widths
 from .distributed import Dist, init_distributed, partition
+from .errors import RunError
 from .evaluation import evaluate_groups
-from .export import save_group
+from .export import cache_record, run_record, save_group
 from .loader import DataSplit, Prefetcher, TokenStream, readers_for
 from .memory import estimate
-from .normalize import Normalization, initial_b_dec, normalization, normalization_source, sample_indices
-from .provenance import training_record
+from .normalize import initial_b_dec, normalization, normalization_source, sample_indices
 from .report import format_table
+from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, truncate_metrics, write_text_atomic
 from .saes import GROUP_CLASSES, SAEGroup
 from .schedule import lr_at, sparsity_scale_at
 
@@ -40,10 +42,6 @@ RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 B_DEC_SAMPLE_TOKENS = 16384
-
-
-class RunError(Exception):
-    """A run that cannot start or continue; the message is one line."""
 
 
 @dataclass
@@ -105,6 +103,7 @@ class Trainer:
         cfg.validate()
         self.cache = ActivationCache.open(cache_path)
         self.specs = grid.specs()
+        check_widths(self.specs, self.cache.meta.d_model)
         for layer in sorted({s.layer for s in self.specs}):
             if layer not in self.cache.meta.layers:
                 raise CacheError(f"{self.cache.path}: layer {layer} not in cache (layers: {self.cache.meta.layers})")
@@ -118,6 +117,7 @@ class Trainer:
         self.norm_source, self.norm_range = (self.cache, train_range) if cfg.normalize_from is None else \
             normalization_source(cfg.normalize_from, self.cache, train_range, sorted({s.layer for s in self.specs}))
         self.norms: dict[int, Normalization] = {}
+        self._data_record: TrainingData | None = None
 
     # ------------------------------------------------------------------ setup
     def _run_config(self) -> dict[str, Any]:
@@ -155,22 +155,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self, stop_after_steps: int | None = None) -> RunResult:
+        """The run, holding the run folder's lock (main process) so a second writer stops at once."""
         self.dist = d = init_distributed(self.cfg.device)
-        run_cfg = self._run_config()
-        error = None
+        lock, error = RunLock(self.run_dir), None
         if d.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             try:
-                check_run_folder(self.run_dir, run_cfg)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+                remove_stale_temps(self.run_dir)  # leftovers of killed writers: temp files, <sae>.tmp-<pid>/
+                check_run_folder(self.run_dir, self._run_config())
             except RunError as exc:
                 error = str(exc)
-        error = d.broadcast(error)
-        if error is not None:
-            raise RunError(error)
+        try:
+            error = d.broadcast(error)
+            if error is not None:
+                raise RunError(error)
+            return self._run(stop_after_steps)
+        finally:
+            lock.release()
+
+    def _run(self, stop_after_steps: int | None) -> RunResult:
+        d, run_cfg = self.dist, self._run_config()
         summary_file = self.run_dir / SUMMARY
         if summary_file.is_file():
             rows = json.loads(summary_file.read_text()).get("saes", [])
             if d.main:
+                shutil.rmtree(self.run_dir / "checkpoint", ignore_errors=True)  # outlived a finished run
                 self.echo(f"{self.run_dir}: run already finished")
                 self.echo(format_table(rows))
             return RunResult("already finished", self.run_dir, self.total_steps, rows)
@@ -192,19 +202,14 @@ class Trainer:
                            f"{bad[2] / 2**30:.2f} GiB available; train fewer or narrower SAEs, lower "
                            f"--batch-tokens/--buffer-tokens, or spread the grid over more processes")
         if d.main:
-            tmp = self.run_dir / f"{RUN_CONFIG}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(run_cfg, indent=2))
-            os.replace(tmp, self.run_dir / RUN_CONFIG)
+            write_text_atomic(self.run_dir / RUN_CONFIG, json.dumps(run_cfg, indent=2))
 
         self.norms = {layer: normalization(self.norm_source, layer, self.cfg.normalize, self.norm_range)
                       for layer in my_layers}
         scales = {layer: n.factor for layer, n in self.norms.items()}
         stream = TokenStream(readers_for(self.cache, my_layers, scales), self.split.train_tokens)
-        ckpt = Checkpointer(self.run_dir, d)
-        try:
-            state = ckpt.load()
-        except RuntimeError as exc:
-            raise RunError(str(exc)) from None
+        ckpt = Checkpointer(self.run_dir, d, echo=self.echo)
+        state = ckpt.load()
         groups = self._build_groups(mine, scales, stream, resuming=state is not None)
         optims = self._optimizers(groups)
         start = 0
@@ -217,23 +222,12 @@ class Trainer:
             if d.main:
                 self.echo(f"resuming {self.run_dir} at step {start} of {self.total_steps}")
         if d.main:
-            self._truncate_metrics(start)
+            truncate_metrics(self.run_dir / METRICS, start)
 
         step = self._loop(groups, optims, stream, scales, start, ckpt, stop_after_steps)
         if step < self.total_steps:
             return RunResult("stopped", self.run_dir, step)
         return self._finish(groups, scales, mine, ckpt)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metric lines past the checkpoint so a resumed run's file equals an uninterrupted one's."""
-        f = self.run_dir / METRICS
-        if not f.is_file():
-            return
-        keep = [line for line in f.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step and json.loads(line).get("split") == "train"]
-        tmp = f.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, f)
 
     def _save_checkpoint(self, ckpt: Checkpointer, step: int, groups: dict[str, SAEGroup],
                          optims: dict[str, torch.optim.Optimizer]) -> None:
@@ -272,6 +266,9 @@ class Trainer:
                         bar.update(1)
                     if done % cfg.log_every == 0 or done == total:
                         self._log(groups, scales, done, lr, sparsity)
+                        note = prefetch.wait_note()
+                        if note is not None:
+                            self.echo(f"[rank {d.rank}] {note}" if d.active else note)
                     if stop_after is not None and done >= stop_after and done < total:
                         self._save_checkpoint(ckpt, done, groups, optims)
                         return done
@@ -281,6 +278,7 @@ class Trainer:
             prefetch.close()
             if bar is not None:
                 bar.close()
+            self.echo(f"[rank {d.rank}] {prefetch.total_note()}" if d.active else prefetch.total_note())
         return total if total > start else start
 
     @staticmethod
@@ -300,7 +298,7 @@ class Trainer:
         for g in groups.values():
             for spec, m in zip(g.specs, g.take_window_metrics()):
                 s2 = scales[spec.layer] ** 2
-                coef = None if spec.architecture in ("topk", "batchtopk") else spec.sparsity * sparsity
+                coef = None if spec.k is not None else spec.sparsity * sparsity
                 lines.append({"step": done, "tokens": done * self.cfg.batch_tokens, "split": "train", "sae": spec.name,
                               "layer": spec.layer, "architecture": spec.architecture,
                               "mse": m["mse_normalized"] / s2, "mse_normalized": m["mse_normalized"],
@@ -309,10 +307,8 @@ class Trainer:
         gathered = self.dist.gather(lines)
         if self.dist.main and gathered:
             order = {s.name: i for i, s in enumerate(self.specs)}
-            every = sorted((line for part in gathered for line in part), key=lambda r: order[r["sae"]])
-            with open(self.run_dir / METRICS, "a") as fh:
-                for line in every:
-                    fh.write(json.dumps(line) + "\n")
+            append_jsonl(self.run_dir / METRICS,
+                         sorted((line for part in gathered for line in part), key=lambda r: order[r["sae"]]))
 
     def _finish(self, groups: dict[str, SAEGroup], scales: dict[int, float], mine: list[SAESpec],
                 ckpt: Checkpointer) -> RunResult:
@@ -328,81 +324,39 @@ class Trainer:
         if d.main and gathered:
             order = {s.name: i for i, s in enumerate(self.specs)}
             result_rows = sorted((r for part in gathered for r in part), key=lambda r: order[r["sae"]])
-            with open(self.run_dir / METRICS, "a") as fh:
-                for r in result_rows:
-                    fh.write(json.dumps({"step": self.total_steps, "split": "eval", **r}) + "\n")
+            append_jsonl(self.run_dir / METRICS,
+                         [{"step": self.total_steps, "split": "eval", **r} for r in result_rows])
             for r in result_rows:
                 r.setdefault("train_explained_variance", last_train.get(r["sae"], {}).get("explained_variance"))
-            tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps({"status": "finished", "steps": self.total_steps,
-                                       "tokens": self.total_steps * self.cfg.batch_tokens, "saes": result_rows},
-                                      indent=2))
-            os.replace(tmp, self.run_dir / SUMMARY)
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps({
+                "status": "finished", "steps": self.total_steps, "tokens": self.total_steps * self.cfg.batch_tokens,
+                "saes": result_rows}, indent=2))
             self.echo(format_table(result_rows))
         ckpt.remove()
         return RunResult("finished", self.run_dir, self.total_steps, result_rows)
 
     def _last_train_metrics(self) -> dict[str, dict[str, Any]]:
-        f = self.run_dir / METRICS
-        out: dict[str, dict[str, Any]] = {}
-        if f.is_file():
-            for line in f.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    if r.get("split") == "train":
-                        out[r["sae"]] = r
-        return out
+        return {r["sae"]: r for r in read_metrics(self.run_dir / METRICS) if r.get("split") == "train"}
 
-    def sae_cfg(self, spec: SAESpec, group: SAEGroup, scale: float) -> dict[str, Any]:
-        """cfg.json in SAELens field names, plus what this project records about the run."""
+    def _training_data(self) -> TrainingData:
+        """The training pool and the held-out part, as token, sequence and document ranges (once per run)."""
+        if self._data_record is None:
+            split, doc_ids = self.split, self.cache.doc_ids()
+            self._data_record = TrainingData(
+                cache=cache_record(self.cache), train_token_range=(0, split.train_tokens),
+                eval_token_range=split.eval_range,
+                eval_sequence_ranges=[(split.eval_first_sequence, split.n_sequences)],
+                train_doc_ids=id_ranges(doc_ids[:split.train_tokens]),
+                eval_doc_ids=id_ranges(doc_ids[split.train_tokens:]))
+        return self._data_record
+
+    def sae_cfg(self, spec: SAESpec, group: SAEGroup, scale: float) -> CheckpointConfig:
+        """The checkpoint's configuration: what the SAE is, what it was trained on and how."""
         m, cfg = self.cache.meta, self.cfg
-        out: dict[str, Any] = {
-            "architecture": spec.architecture, "d_in": self.d_in, "d_sae": spec.d_sae(self.d_in),
-            "hook_name": f"blocks.{spec.layer}.hook_resid_post", "hook_layer": spec.layer, "hook_head_index": None,
-            "model_name": m.model_id, "model_revision": m.model_revision, "context_size": m.context_size,
-            "dataset_path": m.dataset, "dataset_fingerprint": m.dataset_fingerprint, "prepend_bos": False,
-            "dtype": "float32", "device": "cpu",
-            "apply_b_dec_to_input": group.apply_b_dec_to_input,
-            # Weights are folded (act on raw activations), so SAELens must not rescale inputs again:
-            "normalize_activations": "none",
-            "activation_normalization_factor": scale,
-            "training_normalization": self.norms[spec.layer].method,
-            "weights_folded": True,
-            "regime": m.regime, "training_regime": m.regime, "training_tokens": self.total_steps * cfg.batch_tokens,
-            "train_batch_size_tokens": cfg.batch_tokens, "lr": cfg.lr, "lr_end": cfg.lr_end,
-            "lr_warm_up_steps": int(cfg.warmup_frac * self.total_steps),
-            "lr_decay_steps": int(cfg.decay_frac * self.total_steps),
-            "sparsity_warm_up_steps": int(cfg.sparsity_warmup_frac * self.total_steps),
-            "adam_beta1": cfg.adam_beta1, "adam_beta2": cfg.adam_beta2, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
-            "expansion_factor": spec.expansion_factor, "data_order": cfg.order, "buffer_tokens": cfg.buffer_tokens,
-            "b_dec_init": cfg.b_dec_init, "init_encoder_as_decoder_transpose": cfg.init_encoder_as_decoder_transpose,
-            "dead_feature_window": cfg.dead_window_steps, "cache_path": str(self.cache.path.resolve()),
-            "cache_n_tokens": m.n_tokens,
-            "train_token_range": [0, self.split.train_tokens],
-            "eval_token_range": list(self.split.eval_range),
-            "eval_sequence_range": [self.split.eval_first_sequence, self.split.n_sequences],
-            "buffer_tokens_effective": 2 * min(mixing_half(cfg.buffer_tokens, cfg.batch_tokens),
-                                               mixing_half(self.split.train_tokens, cfg.batch_tokens)),
-            "sae_name": spec.name, "trainer": "fast-sae train",
-            # Further SAELens 5.x config fields, so its loaders find what they expect.
-            "finetuning_scaling_factor": False, "dataset_trust_remote_code": False,
-            "model_from_pretrained_kwargs": {}, "sae_lens_training_version": None, "neuronpedia_id": None,
-        }
-        out.update(training_record(self.cache, self.split.train_tokens, self.norms[spec.layer]))
-        out["activation_fn_str"] = "topk" if spec.architecture == "topk" else "relu"
-        if spec.architecture == "standard":
-            out.update(activation_fn="relu", l1_coefficient=spec.sparsity,
-                       scale_sparsity_penalty_by_decoder_norm=cfg.l1_decoder_norm,
-                       normalize_sae_decoder=not cfg.l1_decoder_norm)
-        elif spec.architecture == "jumprelu":
-            out.update(activation_fn="relu", l0_coefficient=spec.sparsity, l1_coefficient=spec.sparsity,
-                       jumprelu_bandwidth=cfg.jumprelu_bandwidth, jumprelu_init_threshold=cfg.jumprelu_init_threshold,
-                       normalize_sae_decoder=True)
-        else:
-            out.update(activation_fn="topk", activation_fn_kwargs={"k": spec.k}, k=spec.k,
-                       aux_k=cfg.aux_k or self.d_in // 2, aux_k_coefficient=cfg.aux_k_coefficient,
-                       normalize_sae_decoder=True)
-            if spec.architecture == "batchtopk":
-                out.update(activation_fn="relu", activation_fn_kwargs={},
-                           batchtopk_threshold_lr=cfg.batchtopk_threshold_lr)
-        return out
+        return CheckpointConfig(
+            architecture=spec.architecture, d_in=self.d_in, d_sae=spec.d_sae(self.d_in),
+            hook_name=resid_post_hook(spec.layer), k=spec.k, apply_b_dec_to_input=group.apply_b_dec_to_input,
+            model_name=m.model_id, model_revision=m.model_revision, context_size=m.context_size,
+            dataset_path=m.dataset, prepend_bos=False, weights_folded=True,
+            normalization=self.norms[spec.layer], training=self._training_data(),
+            run=run_record(spec, cfg, self.total_steps, self.d_in, self.split.train_tokens))

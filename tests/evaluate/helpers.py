@@ -8,12 +8,32 @@ import numpy as np
 import torch
 
 from fast_sae.actcache.from_arrays import write_cache_from_arrays
-from fast_sae.saeio import save_sae
+from fast_sae.saeio import CacheIdentity, CheckpointConfig, Normalization, TrainingData, from_cfg_json, save_sae
 
 
-def sae_cfg(d_in: int, d_sae: int, layer: int, architecture: str = "standard", **extra: Any) -> dict[str, Any]:
-    return {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "hook_name": f"blocks.{layer}.hook_resid_post",
-            "hook_layer": layer, **extra}
+def sae_cfg(d_in: int, d_sae: int, layer: int, architecture: str = "standard",
+            **extra: Any) -> dict[str, Any] | CheckpointConfig:
+    """A flat (fast-sae 0.2 style) cfg; typed ``training`` / ``normalization`` records make it a CheckpointConfig."""
+    typed = {k: extra.pop(k) for k in ("training", "normalization") if k in extra}
+    doc = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "hook_name": f"blocks.{layer}.hook_resid_post",
+           "hook_layer": layer, "apply_b_dec_to_input": False, **extra}
+    if not typed:
+        return doc
+    cfg = from_cfg_json(doc, "test cfg")
+    for key, value in typed.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def provenance(regime: str, dataset: str, train_doc_ids: list[tuple[int, int]] | None = None,
+               factor: float | None = None, source: str | None = None) -> dict[str, Any]:
+    """Typed training/normalisation records for ``sae_cfg``: the regime and dataset of the training
+    cache, its training documents, and a normalisation constant with its source cache."""
+    out: dict[str, Any] = {"training": TrainingData(cache=CacheIdentity(regime=regime, dataset=dataset),
+                                                    train_doc_ids=train_doc_ids)}
+    if factor is not None:
+        out["normalization"] = Normalization(method="content", factor=factor, source=CacheIdentity(path=source))
+    return out
 
 
 def save_identity_sae(folder: Path, d: int, layer: int, **extra: Any) -> Path:

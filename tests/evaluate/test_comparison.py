@@ -14,7 +14,7 @@ from fast_sae.evaluate.errors import EvalError
 from fast_sae.evaluate.frontier import common_l0, interpolate
 from fast_sae.evaluate.runner import EvalConfig, InterpretSettings, run_evaluation
 
-from .helpers import make_cache, save_pca_sae
+from .helpers import make_cache, provenance, save_pca_sae
 
 
 # ------------------------------------------------------------------ matched L0
@@ -101,8 +101,8 @@ def _eval(tmp_path, cache, run, **kw):
 @pytest.mark.parametrize("regime", ["fast", "bt-f"])
 def test_an_overlapping_held_out_set_is_refused(tmp_path, chat_cache, regime):
     cache, x = chat_cache  # documents 0..3
-    save_pca_sae(tmp_path / "run" / "s", x, 1, 2, regime=regime, model_name="m",
-                 training_dataset={"name": "chat", "split": None, "config": None}, train_doc_ids=[[2, 3], [5, 90]])
+    save_pca_sae(tmp_path / "run" / "s", x, 1, 2, model_name="m",
+                 **provenance(regime, "chat", train_doc_ids=[(2, 3), (5, 90)]))
     with pytest.raises(EvalError, match=r"trained on 1 of the 4 eval documents .*--allow-overlap"):
         _eval(tmp_path, cache, tmp_path / "run")
     report = _eval(tmp_path, cache, tmp_path / "run", allow_overlap=True)
@@ -113,12 +113,10 @@ def test_an_overlapping_held_out_set_is_refused(tmp_path, chat_cache, regime):
 
 def test_disjoint_and_other_dataset_pass(tmp_path, chat_cache):
     cache, x = chat_cache
-    save_pca_sae(tmp_path / "run" / "a", x, 1, 2, regime="fast", model_name="m",
-                 training_dataset={"name": "chat"}, train_doc_ids=[[4, 2000]],
-                 normalization={"factor": 2.5, "method": "content", "source": "/caches/fast"})
-    save_pca_sae(tmp_path / "run" / "b", x, 1, 2, regime="bt-p", model_name="m",
-                 training_dataset={"name": "text"}, train_doc_ids=[[0, 10]],
-                 normalization={"factor": 2.5, "method": "content", "source": "/caches/fast"})
+    save_pca_sae(tmp_path / "run" / "a", x, 1, 2, model_name="m",
+                 **provenance("fast", "chat", train_doc_ids=[(4, 2000)], factor=2.5, source="/caches/fast"))
+    save_pca_sae(tmp_path / "run" / "b", x, 1, 2, model_name="m",
+                 **provenance("bt-p", "text", train_doc_ids=[(0, 10)], factor=2.5, source="/caches/fast"))
     report = _eval(tmp_path, cache, tmp_path / "run")
     status = {r["name"]: r["training_overlap"]["status"] for r in report["rows"]}
     assert status == {"a": "disjoint", "b": "other dataset"} and not report["warnings"]

@@ -96,7 +96,7 @@ def test_read_report_errors(tmp_path):
 
 
 def test_cells():
-    assert fmt(None, ".3f") == "–" and fmt(float("nan"), ".3f") == "–" and fmt(float("-inf"), ".3f") == "−inf"
+    assert fmt(None, ".3f") == "–" and fmt(float("nan"), ".3f") == "nan" and fmt(float("-inf"), ".3f") == "−inf"
     assert fmt(0.1234, "%") == "12.3" and fmt(1.5, "+.2f") == "+1.50" and fmt(3.0, "d") == "3"
     table = markdown_table([{"a": 1.0, "b": None}], [("A", "a", ".1f"), ("B", "b", ".1f")])
     assert table.splitlines() == ["| A |", "|---|", "| 1.0 |"]  # all-empty column dropped

@@ -100,7 +100,7 @@ def test_yaml_config_with_command_line_override(small_cache, tmp_path):
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "run").iterdir() if (p / "cfg.json").is_file())
     assert names == ["L7_standard_x2_l1_1", "L7_topk_x2_k4", "L7_topk_x2_k8"]
-    assert load_sae(tmp_path / "run" / "L7_topk_x2_k8").cfg["training_tokens"] == 1000
+    assert load_sae(tmp_path / "run" / "L7_topk_x2_k8").cfg.run.training_tokens == 1000
     assert "L7_topk_x2_k8" in result.output  # the end-of-run table
 
 
@@ -133,8 +133,8 @@ def test_pipeline_train_subprocess(fast_cache, tmp_path):
     assert "memory estimate" in proc.stdout
     for name in ("L2_standard_x1_l1_1", "L2_topk_x1_k16", "L5_standard_x1_l1_1", "L5_topk_x1_k16"):
         sae = load_sae(tmp_path / "run" / name)
-        assert sae.cfg["d_in"] == 576 and sae.cfg["model_name"]
-        assert sae.cfg["regime"] == "fast"
+        assert sae.cfg.d_in == 576 and sae.cfg.model_name
+        assert sae.cfg.regime == "fast"
     bad = subprocess.run([sys.executable, "pipeline.py", "train", str(tmp_path / "missing"), "--out",
                           str(tmp_path / "r2")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
@@ -147,6 +147,6 @@ def test_block_training_cache_trains_and_records_its_regime(btp_cache, tmp_path)
                       "--buffer-tokens", "512", "--eval-sequences", "2", "--lr", "1e-3", "--no-progress"])
     assert result.exit_code == 0, result.output
     sae = load_sae(tmp_path / "run" / "L2_topk_x1_k16")
-    assert sae.cfg["regime"] == "bt-p" and sae.cfg["context_size"] == 128
+    assert sae.cfg.regime == "bt-p" and sae.cfg.context_size == 128
     starts = ActivationCache.open(btp_cache).seq_starts()
-    assert sae.cfg["eval_token_range"] == [int(starts[-3]), int(starts[-1])]
+    assert sae.cfg.training.eval_token_range == (int(starts[-3]), int(starts[-1]))

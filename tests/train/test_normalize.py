@@ -49,7 +49,7 @@ def test_statistic_leaves_out_position_0_outliers_and_held_out_tokens(tmp_path):
         norm = normalization(cache, 0, method, train)
         expected[method] = math.sqrt(D / np.mean(np.sum(x[mask].astype(np.float32).astype(np.float64) ** 2, 1)))
         assert norm.factor == pytest.approx(expected[method], rel=1e-6), method
-        assert norm.method == method and norm.source == str(cache.path.resolve())
+        assert norm.method == method and norm.source is not None and norm.source.path == str(cache.path.resolve())
         assert norm.excluded_position0 == 40 and norm.excluded_outliers == int((outliers < 800).sum())
         assert norm.n_used == int(mask.sum()) and norm.source_token_range == train
     assert normalization(cache, 0, "content", train).factor > 1.3 * normalization(cache, 0, "all", train).factor
@@ -94,9 +94,8 @@ def test_shared_normalisation_is_applied_identically_to_every_regime(tmp_path):
     factors = set()
     for cfgs, metrics in shared.values():
         for cfg in cfgs.values():
-            n = cfg["normalization"]
-            assert n["source"] == str(caches["fast"].resolve())
-            assert cfg["activation_normalization_factor"] == n["factor"]
+            n = cfg["metadata"]["fast_sae"]["normalization"]
+            assert n["source"]["path"] == str(caches["fast"].resolve())
             factors.add(n["factor"])
         # the factor really applied: the trainer logs MSE in raw and normalised units, ratio s^2
         for m in (m for m in metrics if m["split"] == "train"):

@@ -76,11 +76,12 @@ def test_outputs_metrics_and_config(small_cache, tmp_path):
     assert first[-1]["mse"] < first[0]["mse"]
     sae = load_sae(tmp_path / "run" / "L3_standard_x2_l1_0.5")
     c = sae.cfg
-    assert c["hook_name"] == "blocks.3.hook_resid_post" and c["hook_layer"] == 3 and c["d_sae"] == 32
-    assert c["apply_b_dec_to_input"] is False and c["l1_coefficient"] == 0.5
-    assert c["activation_normalization_factor"] != 1.0 and c["training_tokens"] == 12_000
-    assert c["eval_sequence_range"][1] - c["eval_sequence_range"][0] == 10
-    assert load_sae(tmp_path / "run" / "L3_topk_x2_k4").cfg["apply_b_dec_to_input"] is True
+    assert c.hook_name == "blocks.3.hook_resid_post" and c.layer == 3 and c.d_sae == 32
+    assert c.apply_b_dec_to_input is False and c.run.l1_coefficient == 0.5
+    assert c.normalization.factor != 1.0 and c.run.training_tokens == 12_000
+    (a, b), = c.training.eval_sequence_ranges
+    assert b - a == 10
+    assert load_sae(tmp_path / "run" / "L3_topk_x2_k4").cfg.apply_b_dec_to_input is True
     assert not (tmp_path / "run" / "checkpoint").exists()
     again = _run(small_cache, tmp_path / "run", cfg, grid)
     assert again.status == "already finished"

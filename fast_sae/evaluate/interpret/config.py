@@ -34,7 +34,8 @@ class JudgeConfig:
     retries: extra attempts after a malformed reply or a failed call (attempt 0 is greedy,
         later attempts sample at ``retry_temperature`` so a deterministic judge can change its mind).
     cache_dir: where replies are cached (None: ``<out_dir>/judge_cache``).
-    timeout_s: HTTP timeout per request ("openai").
+    timeout_s: total time allowed per judge reply ("openai"): connect, send and the whole reply,
+        however slowly the server sends it.
     enabled: whether the evaluation asks the judge at all (the settings stay in the report either way).
     constrained: "local" only: build the reply in the prompt's answer format (most likely score,
         generated name) instead of hoping a small model writes the verdict line; see LocalBackend.
@@ -53,7 +54,8 @@ class JudgeConfig:
     retries: int = setting(2, help="Extra attempts after a malformed reply or a failed call.")
     cache_dir: Path | None = setting(None, flag="judge-cache", help="Folder of cached judge replies "
                                                                     "[default: per SAE under --out].")
-    timeout_s: float = setting(120.0, flag="judge-timeout", help="Seconds allowed per judge request (openai).")
+    timeout_s: float = setting(120.0, flag="judge-timeout", help="Total seconds allowed per judge reply, "
+                                                                 "however slowly it arrives (openai).")
     retry_temperature: float = setting(0.7, cli=False, help="Sampling temperature of retries.")
     device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
     constrained: bool = setting(True, cli=False, help="local: build the reply in the prompt's answer format.")
@@ -68,6 +70,8 @@ class JudgeConfig:
                 raise EvalError("judge backend 'openai' needs base_url (--judge-url, e.g. http://127.0.0.1:8000/v1)")
             if not self.model:
                 raise EvalError("judge backend 'openai' needs the served model name (--judge-model)")
+        if not self.timeout_s > 0:
+            raise EvalError(f"judge timeout must be positive, got {self.timeout_s}")
         if self.retries < 0 or self.max_new_tokens < 1:
             raise EvalError("judge retries must be >= 0 and max_new_tokens >= 1")
         if self.cache_dir is not None:

@@ -245,11 +245,13 @@ def ask(backend: Any, cache: ReplyCache | None, prompt: Prompt, messages: list[d
 
 
 def score_features(reports: Sequence[dict], backend: Any, cache: ReplyCache | None, *, retries: int = 2,
-                   prompt: Prompt | None = None, progress: Callable[[int], None] | None = None) -> list[dict]:
+                   prompt: Prompt | None = None, progress: Callable[[int], None] | None = None,
+                   into: list[dict] | None = None) -> list[dict]:
     """Judge each feature report (``feature_contexts`` output): one record per feature with
-    ``score``/``name`` or ``score: None`` and ``reason``."""
+    ``score``/``name`` or ``score: None`` and ``reason``. Records are appended to ``into`` as they
+    are made, so a caller still has the judged ones if the run is interrupted."""
     prompt = prompt or load_prompt("judge_v1")
-    records = []
+    records = [] if into is None else into
     for i, rep in enumerate(reports):
         messages = prompt.messages(feature=rep["feature"], contexts=render_contexts(rep["contexts"]))
         out = ask(backend, cache, prompt, messages, parse_verdict, retries, VERDICT_FORM)

@@ -7,8 +7,9 @@ Attempt 0 is greedy / temperature 0, so a judge is reproducible; a retry after a
 samples (``retry_temperature``, seeded by the attempt number where the backend allows), otherwise a
 deterministic judge would repeat the same malformed answer.
 
-Why urllib and not an SDK: the only protocol needed is one POST to ``/v1/chat/completions``; the
-standard library does it and works with vLLM, llama.cpp, Ollama and hosted APIs alike.
+Why the standard library and not an SDK: the only protocol needed is one POST to
+``/v1/chat/completions`` (http_client.py, with a total deadline, a size cap and no cross-origin
+redirects); it works with vLLM, llama.cpp, Ollama and hosted APIs alike.
 """
 from __future__ import annotations
 
@@ -16,18 +17,19 @@ import copy
 import inspect
 import json
 import os
-import urllib.error
-import urllib.request
 from typing import Any
 
 import torch
 
-from fast_sae.lm import load_model, load_tokenizer
+from fast_sae.lm import EMBEDDED_MODEL, load_model, load_tokenizer
 
 from .config import JudgeConfig
+from .http_client import HTTPFailure, post
 from .judge import BackendError, is_placeholder
 
 PLACEHOLDER_REDRAWS = 4
+
+MAX_REPLY_BYTES = 4 << 20  # a chat completion is a few kB; a larger reply is a misbehaving server
 
 
 def _cache_arg(model: Any) -> str:
@@ -153,17 +155,23 @@ class LocalBackend:
 
 
 class OpenAIBackend:
-    """Any server speaking the OpenAI chat-completions protocol (vLLM, llama.cpp, hosted APIs)."""
+    """Any server speaking the OpenAI chat-completions protocol (vLLM, llama.cpp, hosted APIs).
+
+    Each reply must arrive within ``timeout_s`` in total and ``max_reply_bytes``; the API key is
+    sent only to the configured origin (http_client.py). Every failure is a ``BackendError``.
+    """
 
     kind = "openai"
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
-                 max_new_tokens: int = 64, timeout_s: float = 120.0, retry_temperature: float = 0.7) -> None:
+                 max_new_tokens: int = 64, timeout_s: float = 120.0, retry_temperature: float = 0.7,
+                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
         root = base_url.rstrip("/")
         self.url = root + ("/chat/completions" if root.endswith("/v1") else "/v1/chat/completions")
         self.model = model
         self.api_key_env = api_key_env
         self.max_new_tokens, self.timeout_s, self.retry_temperature = max_new_tokens, timeout_s, retry_temperature
+        self.max_reply_bytes = max_reply_bytes
         self.calls = 0
 
     def settings(self) -> dict:
@@ -174,20 +182,20 @@ class OpenAIBackend:
         """One chat completion; ``form`` is ignored (remote judges are assumed to follow the format)."""
         body = {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
                 "temperature": 0.0 if attempt == 0 else self.retry_temperature, "seed": attempt}
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
         self.calls += 1
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read().decode("utf-8"))
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")[:200]
-            raise BackendError(f"{self.url}: HTTP {exc.code} {exc.reason}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            raise BackendError(f"{self.url}: {getattr(exc, 'reason', exc)}") from None
+            status, data = post(self.url, json.dumps(body).encode(), headers, self.timeout_s, self.max_reply_bytes)
+        except HTTPFailure as exc:
+            raise BackendError(str(exc)) from None
+        if status >= 400:
+            detail = data.decode("utf-8", "replace")[:200]
+            raise BackendError(f"{self.url}: HTTP {status}: {detail}")
+        try:
+            payload = json.loads(data.decode("utf-8"))
         except ValueError as exc:
             raise BackendError(f"{self.url}: response is not JSON ({exc})") from None
         try:
@@ -202,8 +210,9 @@ class OpenAIBackend:
 def make_backend(cfg: JudgeConfig, *, model: Any = None, tokenizer: Any = None) -> LocalBackend | OpenAIBackend:
     """The backend a JudgeConfig describes; ``model``/``tokenizer`` reuse an already loaded local model."""
     if cfg.backend == "local":
-        return LocalBackend(cfg.model, max_new_tokens=cfg.max_new_tokens, retry_temperature=cfg.retry_temperature,
-                            device=cfg.device, constrained=cfg.constrained, model=model, tokenizer=tokenizer)
-    return OpenAIBackend(cfg.base_url or "", cfg.model, api_key_env=cfg.api_key_env,
+        return LocalBackend(cfg.model or EMBEDDED_MODEL, max_new_tokens=cfg.max_new_tokens,
+                            retry_temperature=cfg.retry_temperature, device=cfg.device,
+                            constrained=cfg.constrained, model=model, tokenizer=tokenizer)
+    return OpenAIBackend(cfg.base_url or "", cfg.model or "", api_key_env=cfg.api_key_env,
                          max_new_tokens=cfg.max_new_tokens, timeout_s=cfg.timeout_s,
                          retry_temperature=cfg.retry_temperature)

@@ -70,7 +70,7 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
     reports = feature_contexts(sae, cache, top, features, window=window, render=TokenRenderer.for_cache(cache),
                                layer=layer)
     n_live = int(len(live_features(top)))
-    d_sae = int(sae.cfg["d_sae"])
+    d_sae = int(sae.d_sae)
     files: dict[str, str] = {}
 
     top_file = out_dir / "top_examples.json"
@@ -82,18 +82,28 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
         "features": reports}, ensure_ascii=False))
     files["top_examples"] = str(top_file)
 
-    records, bands = None, None
+    records: list[dict] | None = None
+    bands = None
     if judge is not None:
         backend = make_backend(judge, **({} if judge_model is None else
                                          {"model": judge_model[0], "tokenizer": judge_model[1]}))
         prompt = load_prompt(JUDGE_PROMPT)
         reply_cache = ReplyCache(judge.cache_dir or out_dir / "judge_cache")
-        records = score_features(reports, backend, reply_cache, retries=judge.retries, prompt=prompt)
-        bands = score_bands(records) | {"meaningful": judge.scores_meaningful}
         judge_file = out_dir / "judge_scores.json"
-        judge_file.write_text(json.dumps({"judge": judge.describe(), "prompt": prompt.version,
-                                          "prompt_sha256": prompt.sha256, "backend_calls": backend.calls,
-                                          "bands": bands, "records": records}, indent=1, ensure_ascii=False))
+        head = {"judge": judge.describe(), "prompt": prompt.version, "prompt_sha256": prompt.sha256}
+        judged: list[dict] = []
+        try:
+            score_features(reports, backend, reply_cache, retries=judge.retries, prompt=prompt, into=judged)
+        except BaseException as exc:  # interrupted: keep the features judged so far
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'interrupted'}"
+            judge_file.write_text(json.dumps({**head, "incomplete": why, "backend_calls": backend.calls,
+                                              "bands": score_bands(judged) | {"meaningful": judge.scores_meaningful},
+                                              "records": judged},
+                                             indent=1, ensure_ascii=False))
+            raise
+        records, bands = judged, score_bands(judged) | {"meaningful": judge.scores_meaningful}
+        judge_file.write_text(json.dumps({**head, "backend_calls": backend.calls, "bands": bands,
+                                          "records": records}, indent=1, ensure_ascii=False))
         files["judge_scores"] = str(judge_file)
 
     summary = {"sae": sae_label, "cache": str(cache.path), "layer": layer, "d_sae": d_sae,

@@ -135,11 +135,11 @@ class TopKCollector:
 
 def sae_layer(sae: Any, cache: ActivationCache) -> int:
     """The cache layer an SAE reads (its ``hook_layer``), checked against the cache."""
-    layer = int(sae.cfg["hook_layer"])
+    layer = int(sae.layer)
     if layer not in cache.layers:
         raise CacheError(f"{cache.path}: SAE hook_layer {layer} not in the cache (layers {cache.layers})")
-    if int(sae.cfg["d_in"]) != cache.d_model:
-        raise CacheError(f"{cache.path}: d_model {cache.d_model} but the SAE has d_in {sae.cfg['d_in']}")
+    if int(sae.d_in) != cache.d_model:
+        raise CacheError(f"{cache.path}: d_model {cache.d_model} but the SAE has d_in {sae.d_in}")
     return layer
 
 
@@ -164,7 +164,7 @@ def collect_top_examples(sae: Any, cache: ActivationCache, top_n: int = 5, *, la
     """One streaming pass over the cache layer the SAE reads (or its ``token_ranges``); returns the top
     table and statistics over the tokens read."""
     layer = sae_layer(sae, cache) if layer is None else layer
-    d_sae = int(sae.cfg["d_sae"])
+    d_sae = int(sae.d_sae)
     block = block_tokens or max(64, _BLOCK_ELEMENTS // max(d_sae, 1))
     collector = TopKCollector(d_sae, top_n, cache.sequence_of_token())
     device = sae.W_enc.device

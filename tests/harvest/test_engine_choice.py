@@ -1,0 +1,71 @@
+"""Choosing the engine, checking --vllm-args, and the vLLM engine's work plan (no vLLM needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from transformers import AutoConfig, GPT2Config
+
+from fast_sae.harvest.engine import EngineError, choose_backend
+from fast_sae.harvest.vllm_engine import parse_vllm_args, plan_segments, vllm_distribution
+from fast_sae.lm import EMBEDDED_MODEL, resolve
+
+
+@pytest.fixture(scope="module")
+def llama_config():
+    return AutoConfig.from_pretrained(resolve(EMBEDDED_MODEL))
+
+
+def test_this_python_has_no_vllm() -> None:
+    # The main environment stays free of vLLM's pins; the vLLM tests run in its own venv.
+    assert vllm_distribution() is None
+
+
+def test_choice_without_vllm(llama_config) -> None:
+    assert choose_backend("hf", llama_config) == ("hf", "requested")
+    assert choose_backend("auto", llama_config) == ("hf", "auto: vLLM not installed in this Python")
+    with pytest.raises(EngineError, match=r"^--backend vllm: vLLM is not installed in this Python; run ./setup_vllm"):
+        choose_backend("vllm", llama_config)
+    with pytest.raises(EngineError, match="expected one of auto, hf, vllm"):
+        choose_backend("tensorrt", llama_config)
+    with pytest.raises(EngineError, match="only used by --backend vllm"):
+        choose_backend("hf", llama_config, '{"gpu_memory_utilization": 0.5}')
+    with pytest.raises(EngineError, match="auto cannot use vLLM: not installed"):
+        choose_backend("auto", llama_config, '{"gpu_memory_utilization": 0.5}')
+    # unsupported architectures fall back under auto (checked before the installation)
+    assert choose_backend("auto", GPT2Config())[0] == "hf"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not valid JSON"),
+    ("[1]", "expected a JSON object"),
+    ('{"enable_prefix_caching": true}', "enable_prefix_caching must stay false"),
+    ('{"enforce_eager": false}', "enforce_eager must stay true"),
+    ('{"max_num_batched_tokens": 64}', "'max_num_batched_tokens' is set by the harvest itself"),
+])
+def test_bad_vllm_args(text, message) -> None:
+    with pytest.raises(EngineError, match=message):
+        parse_vllm_args(text)
+
+
+def test_good_vllm_args() -> None:
+    assert parse_vllm_args(None) == {}
+    assert parse_vllm_args('{"enable_prefix_caching": false, "gpu_memory_utilization": 0.8}') == {
+        "enable_prefix_caching": False, "gpu_memory_utilization": 0.8}
+
+
+def test_segments_cover_the_stream_in_order_with_whole_sequences() -> None:
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=200)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    segments = plan_segments(starts, 1000)
+    assert segments[0].start == 0 and segments[-1].end == starts[-1]
+    seqs = [r for s in segments for row in s.rows for r in row]
+    assert seqs == list(zip(starts[:-1].tolist(), starts[1:].tolist()))  # each sequence once, in order
+    for a, b in zip(segments, segments[1:]):
+        assert a.end == b.start
+    for s in segments:
+        assert s.n_tokens <= 1000 or len(s.rows) == 1  # only a single long sequence may exceed the size
+    # a pure function of the stream: a resumed harvest redoes exactly the same segments
+    assert [(s.start, s.end) for s in plan_segments(starts, 1000)] == [(s.start, s.end) for s in segments]
+    long = plan_segments(np.array([0, 5, 2005, 2010]), 1000)
+    assert [(s.start, s.end) for s in long] == [(0, 5), (5, 2005), (2005, 2010)]
