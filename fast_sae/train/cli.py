@@ -13,7 +13,7 @@ import click
 from fast_sae.actcache import CacheError
 from fast_sae.saeio import CheckpointError
 
-from .config import ARCHITECTURES, NORMALIZATIONS, ORDERS, ConfigError, build_config, load_config_file
+from .config import ARCHITECTURES, DECODER_PATHS, NORMALIZATIONS, ORDERS, ConfigError, build_config, load_config_file
 from .trainer import RunError, Trainer
 
 
@@ -65,6 +65,8 @@ def _strs(value: str | None) -> list[str] | None:
               help="Decoder bias init (paper: geometric_median).")
 @click.option("--l1-decoder-norm/--no-l1-decoder-norm", default=None,
               help="Standard SAE: decoder-norm-weighted L1 (Anthropic, Apr 2024) instead of unit-norm decoder.")
+@click.option("--decoder-path", type=click.Choice(DECODER_PATHS),
+              help="TopK/BatchTopK step on the kept entries only (sparse) or dense; auto (default) by k / d_sae.")
 @click.option("--log-every", type=int, help="Steps between metrics.jsonl lines.")
 @click.option("--checkpoint-every", type=int, help="Steps between resumable checkpoints.")
 @click.option("--device", help="cpu or cuda (under torchrun each process uses cuda:LOCAL_RANK).")
@@ -76,7 +78,8 @@ def train_cmd(cache: Path, out: Path, config_file: Path | None, layers: str | No
               expansion_factors: str | None, l1_coefficients: str | None, l0_coefficients: str | None,
               ks: str | None, tokens: int | None, batch_size: int | None, lr: float | None, lr_end: float | None,
               seed: int | None, buffer_tokens: int | None, order: str | None, eval_sequences: int | None,
-              normalize: str | None, b_dec_init: str | None, l1_decoder_norm: bool | None, log_every: int | None,
+              normalize: str | None, b_dec_init: str | None, l1_decoder_norm: bool | None,
+              decoder_path: str | None, log_every: int | None,
               checkpoint_every: int | None, device: str | None, max_memory_gb: float | None, progress: bool,
               stop_after_steps: int | None) -> None:
     """Train a grid of sparse autoencoders on CACHE in one pass over the data.
@@ -96,6 +99,7 @@ def train_cmd(cache: Path, out: Path, config_file: Path | None, layers: str | No
         train_over = {"tokens": tokens, "batch_size": batch_size, "lr": lr, "lr_end": lr_end, "seed": seed,
                       "buffer_tokens": buffer_tokens, "order": order, "eval_sequences": eval_sequences,
                       "normalize": normalize, "b_dec_init": b_dec_init, "l1_decoder_norm": l1_decoder_norm,
+                      "decoder_path": decoder_path,
                       "log_every": log_every, "checkpoint_every": checkpoint_every, "device": device,
                       "max_memory_gb": max_memory_gb}
         grid_over = {"layers": _ints(layers), "architectures": _strs(architectures),

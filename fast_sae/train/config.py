@@ -20,6 +20,7 @@ ARCHITECTURES = ("standard", "jumprelu", "topk", "batchtopk")
 ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+DECODER_PATHS = ("auto", "sparse", "dense")
 
 # Paper defaults (fast-paper.md §3.3): L1 5 for standard, L0 0.01 for JumpReLU. TopK values follow
 # common practice (Gao et al. use k=32 at these widths).
@@ -59,6 +60,9 @@ class TrainConfig:
     aux_k_coefficient: float = 1 / 32
     batchtopk_threshold_lr: float = 0.01  # EMA rate of BatchTopK's inference threshold
     dead_window_steps: int = 1000  # a feature is dead if it has not fired in this many steps
+    # TopK/BatchTopK step: "sparse" decodes and takes gradients at the kept entries only, "dense" with
+    # full matrices (same maths); "auto" picks sparse when k / d_sae is small (saes/sparse.py)
+    decoder_path: str = "auto"
     log_every: int = 100
     checkpoint_every: int = 1000
     device: str = "cpu"
@@ -74,6 +78,8 @@ class TrainConfig:
             raise ConfigError(f"normalize {self.normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init {self.b_dec_init!r}: expected one of {', '.join(B_DEC_INITS)}")
+        if self.decoder_path not in DECODER_PATHS:
+            raise ConfigError(f"decoder_path {self.decoder_path!r}: expected one of {', '.join(DECODER_PATHS)}")
         for name in ("tokens", "batch_size", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
