@@ -175,3 +175,59 @@ def test_grid_equals_each_sae_alone_on_the_sparse_path(small_cache, tmp_path):
         b = load_file(str(tmp_path / arch / name / "sae_weights.safetensors"))
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
+
+
+MEMORY_SCRIPT = r"""
+import gc, json, sys, torch
+from fast_sae.train.config import SAESpec, TrainConfig
+from fast_sae.train.memory import estimate, measure_peak_rss
+from fast_sae.train.saes import GROUP_CLASSES
+from fast_sae.train.saes.sparse_group import release_workspaces
+from fast_sae.train.trainer import Trainer
+
+d, ef, b, k = 128, 32, 2048, 16
+x = torch.randn(b, d)
+
+def run(arch, path, steps=3):
+    cfg = TrainConfig(decoder_path=path, batch_size=b, dead_window_steps=5)
+    g = GROUP_CLASSES[arch]([SAESpec(0, arch, ef, k)], d, cfg, torch.zeros(d))
+    g.steps_since_fired[:, : g.d_sae // 3] = 100  # a third dead: AuxK runs
+    opt = torch.optim.Adam(g.parameters(), lr=1e-4)
+    for _ in range(steps):
+        Trainer._step(g, opt, x, 1e-4, 1.0)
+
+run("topk", "sparse", 1)  # imports and one-time allocations
+run("topk", "dense", 1)
+out = []
+for arch in ("topk", "batchtopk"):
+    for path in ("sparse", "dense"):
+        release_workspaces()  # the sparse path's buffer counts, as on a run's first step
+        gc.collect()
+        peak = measure_peak_rss(lambda: run(arch, path))
+        est = estimate([SAESpec(0, arch, ef, k)], d, 1, TrainConfig(decoder_path=path, batch_size=b))
+        out.append([arch, path, peak, est.sae_state + est.activations])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_memory_estimate_bounds_the_measured_peak_of_each_path():
+    """The estimate (state + step activations) is above what the process really used, by < 2.5x."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    peaks = {}
+    for arch, path, peak, est in rows:
+        assert peak <= est <= 2.5 * peak, (arch, path, peak / 2**20, est / 2**20)
+        peaks[arch, path] = peak
+    for arch in ("topk", "batchtopk"):
+        assert peaks[arch, "sparse"] < 0.75 * peaks[arch, "dense"], peaks

@@ -18,6 +18,49 @@ from .sparse_group import Kept, SparseTopKFamily
 from .topk import auxk_loss
 
 
+CANDIDATES_PER_K = 8  # per-token candidates of the batch top-k, as a multiple of the average kept per token
+
+
+def batch_top(acts: torch.Tensor, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kb`` largest entries of each stack entry's whole batch ``acts`` [n, b, m] (values >= 0):
+    (values [n, kb], indices into the flattened [b * m]) -- what ``acts.reshape(n, -1).topk(kb)`` gives.
+
+    Why not that call: a top-k over one row of b * m values copies the row into value/index pairs
+    (3 x the batch's feature matrix) and sorts far more than it keeps. Instead each token offers
+    its 8 x kb / b largest values; the batch top-k of those candidates is exact unless a token had
+    all its candidates taken with positive values (it may hold more): such tokens offer their
+    whole row, and the top-k is taken again over the larger candidate set.
+    """
+    n, b, m = acts.shape
+    kb = min(kb, b * m)
+    c = min(m, CANDIDATES_PER_K * -(-kb // b))
+    if c == m:
+        return acts.reshape(n, -1).topk(kb, dim=-1)
+    cand, cand_idx = acts.topk(c, dim=-1)  # [n, b, c]
+    cand_flat = cand_idx + (torch.arange(b, device=acts.device) * m).view(1, b, 1)
+    top, pos = cand.reshape(n, -1).topk(kb, dim=-1)
+    idx = cand_flat.reshape(n, -1).gather(-1, pos)
+    last = cand[..., -1]
+    full = (last > 0) & (last >= top[:, -1:])  # [n, b]: tokens that may hold more than c of the top
+    if not bool(full.any()):
+        return top, idx
+    tops, idxs = [], []
+    for i in range(n):
+        if not bool(full[i].any()):
+            tops.append(top[i])
+            idxs.append(idx[i])
+            continue
+        rows = full[i].nonzero().squeeze(1)
+        part = ~full[i]
+        values = torch.cat([cand[i][part].reshape(-1), acts[i][rows].reshape(-1)])
+        where = torch.cat([cand_flat[i][part].reshape(-1),
+                           (rows.view(-1, 1) * m + torch.arange(m, device=acts.device)).reshape(-1)])
+        t, p = values.topk(kb)
+        tops.append(t)
+        idxs.append(where[p])
+    return torch.stack(tops), torch.stack(idxs)
+
+
 class BatchTopKGroup(SparseTopKFamily):
     architecture = "batchtopk"
     apply_b_dec_to_input = True
@@ -34,8 +77,7 @@ class BatchTopKGroup(SparseTopKFamily):
         """(top values of ``acts`` = ReLU(z) [n, b, d_sae] over each SAE's whole batch [n, K], their flat
         indices, keep mask [n, K]); records the smallest kept positive value for the threshold."""
         kb = self.k * acts.shape[1]
-        flat = acts.reshape(self.n, -1)
-        top, idx = flat.topk(min(int(kb.max()), flat.shape[1]), dim=-1)
+        top, idx = batch_top(acts, int(kb.max()))
         keep = torch.arange(top.shape[1], device=acts.device) < kb.unsqueeze(1)
         with torch.no_grad():
             positive = keep & (top > 0)

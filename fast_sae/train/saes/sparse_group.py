@@ -43,6 +43,11 @@ def _workspace(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Te
     return buf[:numel]
 
 
+def release_workspaces() -> None:
+    """Free the scratch buffers (they are otherwise kept for the next step)."""
+    _WORKSPACES.clear()
+
+
 def auxk_term(group: SAEGroup, e_hat: torch.Tensor, x: torch.Tensor, recon: torch.Tensor,
               has_dead: torch.Tensor) -> torch.Tensor:
     """AuxK: alpha * ||e - e_hat||^2 (mean over the batch) per SAE, e = x - x_hat detached; 0 without dead latents."""
