@@ -17,7 +17,6 @@ from .sparse import flat_pattern
 from .sparse_group import Kept, SparseTopKFamily
 from .topk import auxk_loss
 
-
 CANDIDATES_PER_K = 8  # per-token candidates of the batch top-k, as a multiple of the average kept per token
 
 
