@@ -84,3 +84,39 @@ def saelens_version() -> str:
     except ImportError as exc:
         raise SystemExit(f"sae_lens is not installed ({exc}); pip install sae-lens (CPU torch) to compare") from None
     return str(sae_lens.__version__)
+
+
+def measure_memory(arch: str, d_in: int, d_sae: int, k: int, path: str, dead_frac: float, batch: int) -> dict:
+    """Peak resident memory of 3 steps (above the memory before building the SAE) and the estimate.
+    Meant for a fresh process: a small warm-up step first pays the imports and one-time allocations."""
+    import gc
+
+    from fast_sae.train.config import SAESpec as Spec
+    from fast_sae.train.memory import estimate, measure_peak_rss
+    from fast_sae.train.saes.sparse_group import release_workspaces
+
+    x = torch.randn(batch, d_in)
+    warm, _ = ours(arch, x[:64], 4 * d_in, 8, path, dead_frac)
+    warm()
+    warm()
+    del warm, _
+    release_workspaces()
+    gc.collect()
+
+    def run() -> None:
+        step, _ = ours(arch, x, d_sae, k, path, dead_frac)
+        for _ in range(3):
+            step()
+
+    measured = measure_peak_rss(run)
+    est = estimate([Spec(0, arch, d_sae // d_in, k)], d_in, 1, TrainConfig(decoder_path=path, batch_size=batch))
+    return {"measured": measured, "estimate": est.sae_state + est.activations}
+
+
+if __name__ == "__main__":
+    import json
+
+    if len(sys.argv) != 9 or sys.argv[1] != "--memory":
+        raise SystemExit("usage: steps.py --memory ARCH D_IN D_SAE K PATH DEAD_FRAC BATCH")
+    a = sys.argv[2:]
+    print(json.dumps(measure_memory(a[0], int(a[1]), int(a[2]), int(a[3]), a[4], float(a[5]), int(a[6]))))

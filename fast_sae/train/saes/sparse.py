@@ -32,8 +32,8 @@ from ..config import SAESpec
 
 @dataclass
 class SparsePattern:
-    """Positions of the kept entries of an [n_rows, n_cols] matrix, rows ascending, columns ascending
-    within a row, plus the same entries grouped by column (the transpose) for the gradient sums."""
+    """Positions of the kept entries of an [n_rows, n_cols] matrix, rows ascending (columns within a
+    row in a fixed order), plus the same entries grouped by column (the transpose) for the gradient sums."""
 
     n_rows: int
     n_cols: int
@@ -49,7 +49,7 @@ class SparsePattern:
 
     @classmethod
     def build(cls, row: torch.Tensor, col: torch.Tensor, n_rows: int, n_cols: int) -> SparsePattern:
-        """From entries already sorted by (row, col)."""
+        """From entries already grouped by row, rows ascending."""
         dev = col.device
         offsets = torch.zeros(n_rows + 1, dtype=torch.int64, device=dev)
         offsets[1:] = torch.bincount(row, minlength=n_rows).cumsum(0)
@@ -59,16 +59,21 @@ class SparsePattern:
         return cls(n_rows, n_cols, col, offsets, t_perm, row[t_perm], t_offsets)
 
 
-def fixed_k_pattern(idx: torch.Tensor, n_cols: int) -> tuple[SparsePattern, torch.Tensor]:
+def fixed_k_pattern(idx: torch.Tensor, n_cols: int) -> tuple[SparsePattern, torch.Tensor | None]:
     """Pattern of ``idx`` [n, b, K] (K columns of each row, column indices < n_cols per stack entry).
 
     Returns the pattern of the block-diagonal [n*b, n*n_cols] matrix and ``order`` [n, b, K], the
-    permutation that sorts each row's columns (apply it to the values with ``gather``).
+    permutation that sorts each row's columns (apply it to the values with ``gather``), or None
+    when the columns keep the order of ``idx``: on CPU, where no kernel here needs sorted columns
+    (``idx`` from a sorted top-k is already in a canonical order: by value), while cuSPARSE's
+    sampled product expects sorted column indices.
     """
     n, b, k = idx.shape
-    sorted_idx, order = idx.sort(dim=-1)
+    order = None
+    if idx.is_cuda:
+        idx, order = idx.sort(dim=-1)
     shift = (torch.arange(n, device=idx.device) * n_cols).view(n, 1, 1)
-    col = (sorted_idx + shift).reshape(-1)
+    col = (idx + shift).reshape(-1)
     row = torch.arange(n * b, device=idx.device).repeat_interleave(k)
     return SparsePattern.build(row, col, n * b, n * n_cols), order
 

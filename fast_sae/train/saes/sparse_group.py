@@ -104,7 +104,7 @@ class SparseTopKFamily(SAEGroup):
             del cand
             feats = cols.unsqueeze(1).expand(n, b, d_max).gather(-1, pos)
         pattern, order = fixed_k_pattern(feats, m)
-        return Kept(pattern, top.gather(-1, order).reshape(-1), None)
+        return Kept(pattern, (top if order is None else top.gather(-1, order)).reshape(-1), None)
 
     def forward_loss(self, x: torch.Tensor, sparsity_scale: float) -> StepOutput:
         if self.decoder_path != "sparse":

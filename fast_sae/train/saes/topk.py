@@ -66,5 +66,5 @@ class TopKGroup(SparseTopKFamily):
         if bool((self.k < top.shape[-1]).any()):
             rank = torch.arange(top.shape[-1], device=acts.device)
             mask = (rank < self.k.view(-1, 1, 1)).to(acts.dtype).expand(n, b, -1)
-            keep = mask.gather(-1, order).reshape(-1)
-        return Kept(pattern, top.gather(-1, order).reshape(-1), keep)
+            keep = (mask if order is None else mask.gather(-1, order)).reshape(-1)
+        return Kept(pattern, (top if order is None else top.gather(-1, order)).reshape(-1), keep)
