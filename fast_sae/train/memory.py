@@ -56,15 +56,16 @@ def step_activation_bytes(architecture: str, d_in: int, d_sae: int, k_max: int, 
     Dense path, per token (fp32): pre-activations, features, their gradients and masks (6 x d_sae),
     AuxK's masked pre-activations, features and gradient (3 x d_sae) for the TopK family, and the
     batch-sized tensors of the loss, the logging accumulators and clipping (12 x d_in).
-    Sparse path, per token: the one pre-activation matrix (d_sae), AuxK's gathered dead columns
-    (at most d_sae / 2: more dead latents are masked in place), the same 12 x d_in, and ~64 bytes per
+    Sparse path, per token: the one pre-activation matrix (d_sae); AuxK on the dead columns (at
+    most d_sae / 2 of them: their pre-activations, features and the features' gradient, 3 x d_sae / 2;
+    with more dead latents AuxK takes sparse entries instead); the same 12 x d_in; ~64 bytes per
     kept entry (k_max, plus k_aux for AuxK: values, indices, the pattern and its transpose); plus
     two d_sae x d_in temporaries of the encoder gradient. Checked against the process's peak
     resident memory in tests/train/test_sparse.py and bench/train.py --sections topk.
     """
     topk_family = architecture in ("topk", "batchtopk")
     if path == "sparse":
-        per_token = 4 * (d_sae + d_sae // 2 + 12 * d_in) + 64 * (k_max + k_aux)
+        per_token = 4 * (d_sae + 3 * d_sae // 2 + 12 * d_in) + 64 * (k_max + k_aux)
         return batch * per_token + 8 * d_sae * d_in
     per_token = 4 * (6 * d_sae + 12 * d_in + (3 * d_sae if topk_family else 0))
     return batch * per_token

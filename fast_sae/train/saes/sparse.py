@@ -149,7 +149,7 @@ class EncoderAtPattern(torch.autograd.Function):
         ctx.save_for_backward(x_in, w_enc)
         ctx.pattern = pattern
         ctx.has_b_dec = b_dec is not None
-        return values.clone()
+        return values.view_as(values)  # no copy: only the gradient routing is new
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):

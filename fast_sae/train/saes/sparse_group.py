@@ -2,9 +2,10 @@
 
 Same loss as the dense step of base.SAEGroup (MSE of b_dec + f W_dec, plus AuxK), computed as:
 1. the dense encoder product under no_grad (it is what chooses the entries), then the
-   architecture's choice of kept entries (``select``) and AuxK's dead-latent entries (``select_aux``);
+   architecture's choice of kept entries (``select``) and AuxK's dead-latent entries (auxk.py);
 2. their pre-activations re-enter autograd through ``EncoderAtPattern`` (sparse encoder gradient),
-   ReLU (and the rank mask of a stack with different k), and ``SparseDecode`` (sparse decoder).
+   ReLU (and the rank mask of a stack with different k), and ``SparseDecode`` (sparse decoder);
+   AuxK's through auxk.decode_dead.
 Nothing of size batch x d_sae outlives step 1, so the step's peak memory is one pre-activation
 matrix instead of the dense path's several (memory.py).
 """
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SAESpec, TrainConfig
+from . import auxk
 from .base import SAEGroup, StepOutput
-from .sparse import EncoderAtPattern, SparseDecode, SparsePattern, decoder_path_for, fixed_k_pattern
+from .sparse import EncoderAtPattern, SparseDecode, SparsePattern, decoder_path_for
 
 
 @dataclass
@@ -78,34 +80,6 @@ class SparseTopKFamily(SAEGroup):
     def k_aux(self) -> int:
         return min(self.cfg.aux_k or self.d_in // 2, self.d_sae)
 
-    def select_aux(self, acts: torch.Tensor) -> Kept | None:
-        """AuxK's entries: per token, the k_aux largest of ReLU(pre) among dead latents (None if none is dead).
-
-        Overwrites ``acts`` (no longer needed). With few dead latents only their columns are gathered
-        (padded with -inf to the stack's largest dead count), so the top-k runs over batch x n_dead
-        values; with many, live columns are set to -inf in place. A padded, live or non-positive
-        entry contributes ReLU = 0 and no gradient, as in the dense path.
-        """
-        dead = self.dead_mask()
-        counts = dead.sum(1)
-        d_max = int(counts.max())
-        if d_max == 0:
-            return None
-        n, b, m = acts.shape
-        k = min(self.k_aux(), d_max)
-        if 2 * d_max > m:
-            top, feats = acts.masked_fill_(~dead.unsqueeze(1), float("-inf")).topk(k, dim=-1)
-        else:
-            cols = torch.argsort((~dead).to(torch.int8), dim=1, stable=True)[:, :d_max]  # dead latents first
-            cand = acts.gather(-1, cols.unsqueeze(1).expand(n, b, d_max))
-            cand.masked_fill_((torch.arange(d_max, device=acts.device) >= counts.unsqueeze(1)).unsqueeze(1),
-                              float("-inf"))
-            top, pos = cand.topk(k, dim=-1)
-            del cand
-            feats = cols.unsqueeze(1).expand(n, b, d_max).gather(-1, pos)
-        pattern, order = fixed_k_pattern(feats, m)
-        return Kept(pattern, (top if order is None else top.gather(-1, order)).reshape(-1), None)
-
     def forward_loss(self, x: torch.Tensor, sparsity_scale: float) -> StepOutput:
         if self.decoder_path != "sparse":
             return super().forward_loss(x, sparsity_scale)
@@ -118,7 +92,9 @@ class SparseTopKFamily(SAEGroup):
             torch.baddbmm(self.b_enc.unsqueeze(1), xin, self.W_enc, out=acts)
             acts.relu_()
             kept = self.select(acts)
-            aux = self.select_aux(acts)
+            dead = self.dead_mask()  # state before this step
+            has_dead = dead.any(dim=1)
+            aux = [auxk.plan(acts[i], dead[i], self.k_aux()) for i in range(n)] if bool(has_dead.any()) else None
             del acts
         xin2 = xin.reshape(n * b, d)
         b_dec = self.b_dec if self.apply_b_dec_to_input else None
@@ -129,9 +105,12 @@ class SparseTopKFamily(SAEGroup):
         err = (recon - x.unsqueeze(0)).pow(2).sum(-1)  # [n, b]
         loss = err.mean(-1)
         if aux is not None:
-            pre_aux = EncoderAtPattern.apply(aux.pre, xin2, self.W_enc, self.b_enc, b_dec, aux.pattern)
-            e_hat = SparseDecode.apply(torch.relu(pre_aux), table, aux.pattern).view(n, b, d)
-            loss = loss + auxk_term(self, e_hat, x, recon, self.dead_mask().any(dim=1))
+            e_hat = torch.stack([
+                torch.zeros(b, d, dtype=x.dtype, device=x.device) if p is None else
+                auxk.decode_dead(p, xin[i], self.W_enc[i], self.b_enc[i], None if b_dec is None else b_dec[i],
+                                 self.W_dec[i])
+                for i, p in enumerate(aux)])
+            loss = loss + auxk_term(self, e_hat, x, recon, has_dead)
         with torch.no_grad():
             active = acts.detach() > 0
             l0 = active.view(n, -1).sum(1).to(torch.float64)
