@@ -227,7 +227,10 @@ def main() -> None:
                     help="topk rows with this fraction of latents dead (AuxK on); 0 = none; memory uses it too")
     ap.add_argument("--no-saelens", action="store_true", help="topk: skip SAELens")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:

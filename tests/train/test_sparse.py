@@ -236,3 +236,42 @@ def test_memory_estimate_bounds_the_measured_peak_of_each_path():
         peaks[arch, path] = peak
     for arch in ("topk", "batchtopk"):
         assert peaks[arch, "sparse"] < 0.75 * peaks[arch, "dense"], peaks
+
+
+def test_estimate_line_names_the_paths_per_sae():
+    from fast_sae.train.memory import estimate
+
+    specs = [SAESpec(0, "topk", 8, 32), SAESpec(0, "topk", 8, 1024), SAESpec(0, "standard", 8, 5.0)]
+    auto = estimate(specs, 576, 1, TrainConfig())
+    assert "decoder path: 1 sparse, 2 dense" in auto.line()
+    forced = estimate(specs, 576, 1, TrainConfig(decoder_path="sparse"))
+    assert "decoder path: 2 sparse, 1 dense" in forced.line()
+    dense = estimate(specs, 576, 1, TrainConfig(decoder_path="dense"))
+    assert "decoder path: 0 sparse, 3 dense" in dense.line()
+    assert forced.activations < dense.activations == forced.activations_all_dense
+
+
+def test_cli_rejects_an_unknown_path(small_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from fast_sae.train.cli import train_cmd
+
+    bad = CliRunner().invoke(train_cmd, [str(small_cache), "--out", str(tmp_path / "bad"), "--decoder-path", "fast"])
+    assert bad.exit_code != 0 and "Invalid value for '--decoder-path'" in bad.output
+
+
+@pytest.mark.slow
+def test_cli_option_reaches_the_run(small_cache, tmp_path):
+    from click.testing import CliRunner
+
+    from fast_sae.train.cli import train_cmd
+
+    args = [str(small_cache), "--layers", "3", "--architectures", "topk", "--k", "2,8", "--expansion-factors", "2",
+            "--tokens", "2000", "--batch-size", "100", "--buffer-tokens", "1000", "--eval-sequences", "10",
+            "--no-progress"]
+    auto = CliRunner().invoke(train_cmd, [*args, "--out", str(tmp_path / "auto")])
+    assert auto.exit_code == 0, auto.output
+    assert "decoder path: 1 sparse, 1 dense" in auto.output  # k / d_sae = 2/32 and 8/32
+    forced = CliRunner().invoke(train_cmd, [*args, "--out", str(tmp_path / "forced"), "--decoder-path", "sparse"])
+    assert forced.exit_code == 0, forced.output
+    assert "decoder path: 2 sparse, 0 dense" in forced.output

@@ -6,8 +6,9 @@ Same loss as the dense step of base.SAEGroup (MSE of b_dec + f W_dec, plus AuxK)
 2. their pre-activations re-enter autograd through ``EncoderAtPattern`` (sparse encoder gradient),
    ReLU (and the rank mask of a stack with different k), and ``SparseDecode`` (sparse decoder);
    AuxK's through auxk.decode_dead.
-Nothing of size batch x d_sae outlives step 1, so the step's peak memory is one pre-activation
-matrix instead of the dense path's several (memory.py).
+Nothing of size batch x d_sae outlives step 1 (AuxK keeps at most batch x d_sae / 2 values of
+its dead columns), so the step's peak memory is about one pre-activation matrix plus AuxK's
+instead of the dense path's six to nine (memory.py).
 """
 from __future__ import annotations
 
