@@ -95,19 +95,22 @@ def estimate(specs: list[SAESpec], d_in: int, n_layers: int, cfg: TrainConfig) -
         state += 4 * 4 * params + 8 * d_sae  # fp32 weights, grads, Adam m and v; dead counters
         path = spec_decoder_path(s, d_in, cfg.decoder_path)
         stacks.setdefault((s.layer, s.architecture, s.expansion_factor, path), []).append(s)
-    acts = acts_dense = workspace = 0
+    acts = workspace = 0
     n_sparse = 0
-    for (_, arch, ef, path), members in stacks.items():
+    dense_stacks: dict[tuple[int, str, int], list[SAESpec]] = {}  # the stacks if every path were dense
+    for (layer, arch, ef, path), members in stacks.items():
         d_sae, k_max = ef * d_in, max(s.k or 0 for s in members)
         k_aux = min(cfg.aux_k or d_in // 2, d_sae)
         n = len(members)
         acts = max(acts, n * step_activation_bytes(arch, d_in, d_sae, k_max, b, path, k_aux))
-        acts_dense = max(acts_dense, n * step_activation_bytes(arch, d_in, d_sae, k_max, b, "dense", k_aux))
+        dense_stacks.setdefault((layer, arch, ef), []).extend(members)
         if path == "sparse":
             n_sparse += n
             workspace = max(workspace, 4 * n * b * d_sae)
     if len(stacks) > 1:
         acts += workspace  # the sparse path's pre-activation buffer stays allocated between steps
+    acts_dense = max(len(m) * step_activation_bytes(arch, d_in, ef * d_in, max(s.k or 0 for s in m), b, "dense", 0)
+                     for (_, arch, ef), m in dense_stacks.items())
     if cfg.order == "mixing":
         rows = 5 * mixing_half(cfg.buffer_tokens, b)  # kept + fresh + served half + 2 queued halves
     else:

@@ -209,6 +209,7 @@ for arch in ("topk", "batchtopk"):
         release_workspaces()  # the sparse path's buffer counts, as on a run's first step
         gc.collect()
         peak = measure_peak_rss(lambda: run(arch, path, dead=dead))
+        assert peak is not None, "measuring the peak needs Linux's /proc/self/status"
         est = estimate([SAESpec(0, arch, ef, k)], d, 1, TrainConfig(decoder_path=path, batch_size=b))
         out.append([arch, path, peak, est.sae_state + est.activations])
 print(json.dumps(out))
