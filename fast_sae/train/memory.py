@@ -18,6 +18,9 @@ from .config import SAESpec, TrainConfig
 from .saes.sparse import spec_decoder_path
 
 GIB = 1024 ** 3
+# A step's fixed costs beside its tensors (BLAS and sort scratch, allocator slack): a few MiB
+# measured at tiny sizes, where they exceed the tensors themselves.
+STEP_OVERHEAD = 16 * 2 ** 20
 
 
 @dataclass
@@ -107,10 +110,12 @@ def estimate(specs: list[SAESpec], d_in: int, n_layers: int, cfg: TrainConfig) -
         if path == "sparse":
             n_sparse += n
             workspace = max(workspace, 4 * n * b * d_sae)
+    acts += STEP_OVERHEAD
     if len(stacks) > 1:
         acts += workspace  # the sparse path's pre-activation buffer stays allocated between steps
-    acts_dense = max(len(m) * step_activation_bytes(arch, d_in, ef * d_in, max(s.k or 0 for s in m), b, "dense", 0)
-                     for (_, arch, ef), m in dense_stacks.items())
+    acts_dense = STEP_OVERHEAD + max(
+        len(m) * step_activation_bytes(arch, d_in, ef * d_in, max(s.k or 0 for s in m), b, "dense", 0)
+        for (_, arch, ef), m in dense_stacks.items())
     if cfg.order == "mixing":
         rows = 5 * mixing_half(cfg.buffer_tokens, b)  # kept + fresh + served half + 2 queued halves
     else:
