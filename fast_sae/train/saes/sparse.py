@@ -171,9 +171,10 @@ class EncoderAtPattern(torch.autograd.Function):
 # ---------------------------------------------------------------------- which path a stack takes
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
 # "auto" takes the sparse path up to this density k / d_sae. The sparse products cost about 4 x
-# nnz x d_in multiply-adds at a few times lower throughput than a dense matmul, against 5 dense
-# products of batch x d_sae x d_in saved, so the sparse step wins well beyond this density (see
-# bench/train.py --sparse); the margin leaves room for AuxK's d_in / 2 extra entries per token.
+# nnz x d_in multiply-adds at several times lower throughput than a dense matmul, against 5 dense
+# products of batch x d_sae x d_in saved: near the break-even here. Measured on the project's CPU
+# (1 thread, d_sae 4,608, batch 4,096; bench/train.py --sections topk --ks 576,1152): sparse /
+# dense step time 0.91 at k = 576 (1/8), 1.26 at k = 1,152 (1/4); with AuxK running, 0.70 and 0.98.
 SPARSE_MAX_DENSITY = 1 / 8
 
 
