@@ -16,8 +16,8 @@ from .helpers import make_cache, save_constant_sae, save_identity_sae, save_rand
 CFG = ReconstructionConfig(batch_tokens=3, progress=False)  # small batches: sums must cross batch/chunk edges
 
 
-def _run(cache_path, sae_path, layer=0, cfg=CFG):
-    cache = ActivationCache.open(cache_path)
+def _run(cache_path, sae_path, layer=0, cfg=CFG, verify=True):
+    cache = ActivationCache.open(cache_path, verify=verify)
     entries = load_entries([sae_path])
     sel = choose_eval_sequences(entries, cache)
     return evaluate_reconstruction({"s": entries[0].sae}, cache, layer, sel, cfg)["s"]
@@ -124,19 +124,26 @@ def test_non_finite_inputs_are_counted_and_log2_stays_non_finite(tmp_path):
     assert math.isnan(log2_mse(float("nan"))) and log2_mse(float("inf")) == float("inf")
     assert log2_mse(0.0) == float("-inf") and log2_mse(0.25) == -2.0
     x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
-    x[7, 2] = np.nan
+    # NaN activations never reach the metrics: the cache writer refuses them, and a damaged chunk file
+    # (read without checksums) is refused by the reader in one line naming the token
     cache = make_cache(tmp_path / "c", {0: x}, [6, 6])
-    res = _run(cache, save_identity_sae(tmp_path / "id", 4, 0))
-    assert res.extra["non_finite"] == {"weights": [], "activation_tokens": 1, "output_tokens": 1}
-    assert math.isnan(res.subsets["all"]["mse"]) and math.isnan(res.subsets["all"]["log2_mse"])
-    warnings = non_finite_warnings("id", res)
-    assert any("1 eval token(s) have NaN/Inf activations" in w for w in warnings)
-    assert any("MSE is non-finite on subset(s) all" in w for w in warnings)
+    chunk = cache / "acts" / "layer_0" / "c" / "0" / "0"
+    data = np.fromfile(chunk, "<f4")
+    data[7 * 4 + 2] = np.nan
+    data.tofile(chunk)
+    from fast_sae.actcache import CacheError
+
+    with pytest.raises(CacheError, match=r"non-finite activations \(token 7\)"):
+        _run(cache, save_identity_sae(tmp_path / "id", 4, 0), verify=False)
     sae = save_random_sae(tmp_path / "r", 4, 8, 0)
     w = load_file(str(sae / "sae_weights.safetensors"))
     w["b_enc"][1] = float("inf")
     save_sae(sae, w, sae_cfg(4, 8, 0))
     clean = make_cache(tmp_path / "clean", {0: np.nan_to_num(x)}, [6, 6])
     res = _run(clean, sae)
-    assert res.extra["non_finite"]["weights"] == ["b_enc"]
-    assert any("non-finite weights (b_enc)" in w for w in non_finite_warnings("r", res))
+    assert res.extra["non_finite"]["weights"] == ["b_enc"] and res.extra["non_finite"]["output_tokens"] == 12
+    mse, log2 = res.subsets["all"]["mse"], res.subsets["all"]["log2_mse"]
+    assert not math.isfinite(mse) and not math.isfinite(log2) and log2 != float("-inf")
+    warnings = non_finite_warnings("r", res)
+    assert any("non-finite weights (b_enc)" in w for w in warnings)
+    assert any("MSE is non-finite on subset(s) all" in w for w in warnings)
