@@ -7,14 +7,25 @@
    3x the time of the same-shape forward matmuls (x @ W_enc and f @ W_dec). Goal <= 1.4.
 3. grid: K SAEs on one layer trained in one pass over the sum of K separate runs of the same
    tokens (whole runs: cache open, b_dec init, training, evaluation, saving). Goal <= 0.7.
+4. topk: one TopK training step on the sparse decoder path, on the dense path, and in SAELens
+   (its TopK training SAE and trainer step), at each d_sae x k; tokens/s and ours / SAELens.
+   Goal: sparse >= 2x SAELens. Rows with ``--dead-frac`` of the latents dead run AuxK in both.
+5. standard: one Standard SAE step here and in SAELens, the same loss (L1 weighted by decoder
+   norms, no b_dec subtracted from the input). Goal >= 1.2x SAELens.
+6. memory: peak resident memory of a TopK step per decoder path (a fresh process each) against
+   the estimate printed before training (memory.py).
 
-Usage: python bench/train.py [--d 576] [--tokens-cache 131072] [--k 4] [--device cpu]
+Usage: python bench/train.py [--sections loader,step,grid,topk,standard,memory] [--d 576] [--device cpu]
+       python bench/train.py --sections topk --widths 4608 --ks 32 --reps 2   # a quick subset
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +43,10 @@ from fast_sae.train.config import GridConfig, SAESpec, TrainConfig  # noqa: E402
 from fast_sae.train.loader import LayerReader, Prefetcher, TokenStream  # noqa: E402
 from fast_sae.train.saes import GROUP_CLASSES  # noqa: E402
 from fast_sae.train.trainer import Trainer  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import steps  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:
@@ -116,8 +131,87 @@ def bench_grid(cache_path: Path, k: int, ef: int, tokens: int, batch: int, devic
     return {"grid_s": t_grid, "separate_s": t_sep}
 
 
+def interleaved_medians(fns: dict[str, object], reps: int) -> dict[str, float]:
+    """Median seconds per call of each callable, timed in alternation (load drifts hit all alike)."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations, Adam state
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def bench_topk(d: int, widths: list[int], ks: list[int], batch: int, reps: int, device: str, dead_frac: float,
+               saelens: bool) -> None:
+    x = torch.randn(batch, d, device=device)
+    cols = "sparse", "dense", "SAELens"
+    print(f"topk: one training step, batch {batch}, d_model {d} (median of {reps}; tok/s = batch / step time)")
+    print(f"{'d_sae':>6} {'k':>4} {'dead':>5} | {'sparse ms':>9} {'dense ms':>9} {'SAELens ms':>10} | "
+          f"{'sparse tok/s':>12} {'dense tok/s':>11} {'SAELens tok/s':>13} | {'sparse/SL':>9} {'dense/SL':>8} "
+          f"{'sparse/dense':>12}")
+    deads = [0.0] + ([dead_frac] if dead_frac > 0 else [])
+    for dead in deads:
+        for m in widths:
+            for k in ks:
+                fns = {"sparse": steps.ours("topk", x, m, k, "sparse", dead)[0],
+                       "dense": steps.ours("topk", x, m, k, "dense", dead)[0]}
+                if saelens:
+                    fns["SAELens"] = steps.saelens("topk", x, m, k, dead)
+                t = interleaved_medians(fns, reps)
+                del fns
+                ms = " ".join(f"{t[c] * 1e3:{w}.0f}" if c in t else f"{'-':>{w}}" for c, w in zip(cols, (9, 9, 10)))
+                tps = " ".join(f"{batch / t[c]:{w}.0f}" if c in t else f"{'-':>{w}}"
+                               for c, w in zip(cols, (12, 11, 13)))
+                sl = t.get("SAELens")
+                ratios = (f"{sl / t['sparse']:9.2f} {sl / t['dense']:8.2f}" if sl else f"{'-':>9} {'-':>8}")
+                print(f"{m:>6} {k:>4} {dead:>5.2f} | {ms} | {tps} | {ratios} {t['dense'] / t['sparse']:12.2f}",
+                      flush=True)
+
+
+def bench_standard(d: int, widths: list[int], batch: int, reps: int, device: str) -> None:
+    x = torch.randn(batch, d, device=device)
+    print(f"standard: one training step, batch {batch}, d_model {d}, L1 5 weighted by decoder norms, "
+          f"no b_dec on the input (median of {reps})")
+    print(f"{'d_sae':>6} | {'ours ms':>8} {'SAELens ms':>10} | {'ours tok/s':>10} {'SAELens tok/s':>13} | "
+          f"{'ours/SL':>7}")
+    for m in widths:
+        t = interleaved_medians({"ours": steps.ours("standard", x, m, 5.0, l1_decoder_norm=True)[0],
+                                 "SAELens": steps.saelens("standard", x, m, 5.0, apply_b_dec_to_input=False)}, reps)
+        print(f"{m:>6} | {t['ours'] * 1e3:8.0f} {t['SAELens'] * 1e3:10.0f} | {batch / t['ours']:10.0f} "
+              f"{batch / t['SAELens']:13.0f} | {t['SAELens'] / t['ours']:7.2f}", flush=True)
+
+
+def bench_memory(d: int, widths: list[int], ks: list[int], batch: int, dead_frac: float) -> None:
+    print(f"memory: peak resident memory of TopK steps (fresh process each, {dead_frac:.0%} latents dead so AuxK "
+          f"runs) vs the estimate (state + step activations)")
+    print(f"{'d_sae':>6} {'k':>4} {'path':>6} | {'measured MiB':>12} {'estimate MiB':>12} {'est/meas':>8}")
+    for m in widths:
+        for k in ks:
+            for path in ("sparse", "dense"):
+                args = [sys.executable, str(BENCH / "steps.py"), "--memory", "topk", str(d), str(m), str(k), path,
+                        str(dead_frac), str(batch)]
+                proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ))
+                if proc.returncode != 0:
+                    print(f"{m:>6} {k:>4} {path:>6} | failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{m:>6} {k:>4} {path:>6} | {r['measured'] / 2**20:12.0f} {r['estimate'] / 2**20:12.0f} "
+                      f"{r['estimate'] / r['measured']:8.2f}", flush=True)
+
+
+def _ints_arg(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+SECTIONS = ("loader", "step", "grid", "topk", "standard", "memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
     ap.add_argument("--d", type=int, default=576, help="d_model (SmolLM2-135M: 576)")
     ap.add_argument("--tokens-cache", type=int, default=131072)
     ap.add_argument("--ef", type=int, default=8, help="expansion factor of the step benchmark")
@@ -126,27 +220,60 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--grid-batch", type=int, default=1024)
     ap.add_argument("--grid-tokens", type=int, default=65536)
+    ap.add_argument("--widths", type=_ints_arg, default=[4608, 18432], help="d_sae values of topk/standard/memory")
+    ap.add_argument("--ks", type=_ints_arg, default=[32, 64, 128], help="k values of topk/memory")
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per configuration (topk, standard)")
+    ap.add_argument("--dead-frac", type=float, default=0.3,
+                    help="topk rows with this fraction of latents dead (AuxK on); 0 = none; memory uses it too")
+    ap.add_argument("--no-saelens", action="store_true", help="topk: skip SAELens")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)} (expected {', '.join(SECTIONS)})")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if {"topk", "standard"} & set(sections) and not args.no_saelens:
+        print(f"sae_lens {steps.saelens_version()}")
+    if {"loader", "step", "grid"} & set(sections):
+        bench_stage(args, sections)
+    if "topk" in sections:
+        bench_topk(args.d, args.widths, args.ks, args.batch, args.reps, args.device, args.dead_frac,
+                   not args.no_saelens)
+    if "standard" in sections:
+        bench_standard(args.d, args.widths, args.batch, args.reps, args.device)
+    if "memory" in sections:
+        bench_memory(args.d, args.widths, args.ks, args.batch, args.dead_frac or 0.3)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def bench_stage(args: argparse.Namespace, sections: list[str]) -> None:
+    """Sections 1-3 (on a synthetic cache written to a temporary folder)."""
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     try:
         x = np.random.default_rng(0).standard_normal((args.tokens_cache, args.d), dtype=np.float32)
         cache = write_cache_from_arrays(work / "cache", {0: x}, seq_starts=np.arange(0, args.tokens_cache + 1, 256),
                                         chunk_tokens=16384)
         del x
-        print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
-        lo = bench_loader(cache, args.batch)
-        print(f"loader: raw readinto {lo['raw_gbs']:.2f} GB/s, loader (sequential) {lo['loader_gbs']:.2f} GB/s, "
-              f"mixing {lo['mixing_gbs']:.2f} GB/s -> ratio loader/raw = {lo['loader_gbs'] / lo['raw_gbs']:.2f} "
-              f"(goal >= 0.9)")
-        st = bench_step(args.d, args.ef, args.batch, args.device)
-        print(f"step: d={args.d} d_sae={args.d * args.ef} batch={args.batch}: forward matmuls {st['matmul_s'] * 1e3:.1f} ms, "
-              f"train step {st['step_s'] * 1e3:.1f} ms -> ratio step/(3x matmul) = "
-              f"{st['step_s'] / (3 * st['matmul_s']):.2f} (goal <= 1.4)")
-        gr = bench_grid(cache, args.k, args.grid_ef, args.grid_tokens, args.grid_batch, args.device, work)
-        print(f"grid: K={args.k} standard SAEs on one layer, d_sae={args.d * args.grid_ef}, {args.grid_tokens} tokens, "
-              f"batch {args.grid_batch}: one pass {gr['grid_s']:.2f} s, {args.k} separate runs {gr['separate_s']:.2f} s "
-              f"-> ratio = {gr['grid_s'] / gr['separate_s']:.2f} (goal <= 0.7)")
+        if "loader" in sections:
+            lo = bench_loader(cache, args.batch)
+            print(f"loader: raw readinto {lo['raw_gbs']:.2f} GB/s, loader (sequential) {lo['loader_gbs']:.2f} GB/s, "
+                  f"mixing {lo['mixing_gbs']:.2f} GB/s -> ratio loader/raw = {lo['loader_gbs'] / lo['raw_gbs']:.2f} "
+                  f"(goal >= 0.9)")
+        if "step" in sections:
+            st = bench_step(args.d, args.ef, args.batch, args.device)
+            print(f"step: d={args.d} d_sae={args.d * args.ef} batch={args.batch}: forward matmuls "
+                  f"{st['matmul_s'] * 1e3:.1f} ms, train step {st['step_s'] * 1e3:.1f} ms -> ratio step/(3x matmul) = "
+                  f"{st['step_s'] / (3 * st['matmul_s']):.2f} (goal <= 1.4)")
+        if "grid" in sections:
+            gr = bench_grid(cache, args.k, args.grid_ef, args.grid_tokens, args.grid_batch, args.device, work)
+            print(f"grid: K={args.k} standard SAEs on one layer, d_sae={args.d * args.grid_ef}, {args.grid_tokens} "
+                  f"tokens, batch {args.grid_batch}: one pass {gr['grid_s']:.2f} s, {args.k} separate runs "
+                  f"{gr['separate_s']:.2f} s -> ratio = {gr['grid_s'] / gr['separate_s']:.2f} (goal <= 0.7)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -23,6 +23,7 @@ ARCHITECTURES = ARCHITECTURE_NAMES  # the checkpoint format's registry is the on
 ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
+DECODER_PATHS = ("auto", "sparse", "dense")
 
 # The grid field holding each architecture's sparsity settings (L1 coefficient, L0 coefficient or k).
 SPARSITY_FIELD = {"standard": "l1_coefficients", "jumprelu": "l0_coefficients", "topk": "k", "batchtopk": "k"}
@@ -74,6 +75,10 @@ class TrainConfig:
     aux_k_coefficient: float = setting(1 / 32, help="AuxK loss coefficient (Gao et al.: 1/32).")
     batchtopk_threshold_lr: float = setting(0.01, help="EMA rate of BatchTopK's inference threshold.")
     dead_window_steps: int = setting(1000, help="A feature is dead if it has not fired in this many steps.")
+    decoder_path: str = setting("auto", choices=DECODER_PATHS,
+                                help="TopK/BatchTopK step: sparse decodes and takes gradients at the kept entries "
+                                     "only, dense with full matrices (same maths); auto picks sparse when k / d_sae "
+                                     "is small.")
     log_every: int = setting(100, help="Steps between metrics.jsonl lines.")
     checkpoint_every: int = setting(1000, help="Steps between resumable checkpoints.")
     device: str = setting("auto", help="auto, cpu or cuda (under torchrun each process uses cuda:LOCAL_RANK).")
@@ -89,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"normalize {self.normalize!r}: expected one of {', '.join(NORMALIZATIONS)}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init {self.b_dec_init!r}: expected one of {', '.join(B_DEC_INITS)}")
+        if self.decoder_path not in DECODER_PATHS:
+            raise ConfigError(f"decoder_path {self.decoder_path!r}: expected one of {', '.join(DECODER_PATHS)}")
         for name in ("tokens", "batch_tokens", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

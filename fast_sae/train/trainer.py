@@ -36,6 +36,7 @@ from .normalize import initial_b_dec, normalization, normalization_source, sampl
 from .report import format_table
 from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, truncate_metrics, write_text_atomic
 from .saes import GROUP_CLASSES, SAEGroup
+from .saes.sparse import spec_decoder_path
 from .schedule import lr_at, sparsity_scale_at
 
 RUN_CONFIG = "run_config.json"
@@ -52,8 +53,11 @@ class RunResult:
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def group_key(spec: SAESpec) -> str:
-    return f"L{spec.layer}_{spec.architecture}_x{spec.expansion_factor}"
+def group_key(spec: SAESpec, d_in: int, decoder_path: str) -> str:
+    """SAEs stacked together: same layer, architecture, width and decoder path. The path is chosen
+    per SAE (by its own k), so an SAE trains the same way whatever else is in the grid."""
+    key = f"L{spec.layer}_{spec.architecture}_x{spec.expansion_factor}"
+    return key + "_sparse" if spec_decoder_path(spec, d_in, decoder_path) == "sparse" else key
 
 
 def _cache_identity(cache: ActivationCache) -> dict[str, Any]:
@@ -142,7 +146,7 @@ class Trainer:
                                          scales[layer])
         groups: dict[str, list[SAESpec]] = {}
         for s in specs:
-            groups.setdefault(group_key(s), []).append(s)
+            groups.setdefault(group_key(s, self.d_in, self.cfg.decoder_path), []).append(s)
         out = {}
         for key, members in groups.items():
             cls = GROUP_CLASSES[members[0].architecture]

@@ -4,43 +4,99 @@ z = (x - b_dec) W_enc + b_enc; of the b * d_sae values ReLU(z) in a batch of b t
 largest are kept, so the *average* L0 is k while single tokens may use more or fewer latents.
 Inference cannot see a batch, so a global threshold theta is learned as an exponential moving
 average of the smallest kept activation per batch; a checkpoint computes ReLU(z) * [z > theta]
-(saved as ``threshold`` broadcast to [d_sae]). AuxK as for TopK.
+(saved as ``threshold`` broadcast to [d_sae]). AuxK as for TopK. Sparse or dense training step
+as for TopK (sparse_group.py).
 """
 from __future__ import annotations
 
 import torch
 
 from ..config import SAESpec, TrainConfig
-from .base import SAEGroup, StepOutput
+from .base import StepOutput
+from .sparse import flat_pattern
+from .sparse_group import Kept, SparseTopKFamily
 from .topk import auxk_loss
 
+CANDIDATES_PER_K = 8  # per-token candidates of the batch top-k, as a multiple of the average kept per token
 
-class BatchTopKGroup(SAEGroup):
+
+def batch_top(acts: torch.Tensor, kb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``kb`` largest entries of each stack entry's whole batch ``acts`` [n, b, m] (values >= 0):
+    (values [n, kb], indices into the flattened [b * m]) -- what ``acts.reshape(n, -1).topk(kb)`` gives.
+
+    Why not that call: a top-k over one row of b * m values copies the row into value/index pairs
+    (3 x the batch's feature matrix) and sorts far more than it keeps. Instead each token offers
+    its 8 x kb / b largest values; the batch top-k of those candidates is exact unless a token had
+    all its candidates taken with positive values (it may hold more): such tokens offer their
+    whole row, and the top-k is taken again over the larger candidate set.
+    """
+    n, b, m = acts.shape
+    kb = min(kb, b * m)
+    c = min(m, CANDIDATES_PER_K * -(-kb // b))
+    if c == m:
+        return acts.reshape(n, -1).topk(kb, dim=-1)
+    cand, cand_idx = acts.topk(c, dim=-1)  # [n, b, c]
+    cand_flat = cand_idx + (torch.arange(b, device=acts.device) * m).view(1, b, 1)
+    top, pos = cand.reshape(n, -1).topk(kb, dim=-1)
+    idx = cand_flat.reshape(n, -1).gather(-1, pos)
+    last = cand[..., -1]
+    full = (last > 0) & (last >= top[:, -1:])  # [n, b]: tokens that may hold more than c of the top
+    if not bool(full.any()):
+        return top, idx
+    tops, idxs = [], []
+    for i in range(n):
+        if not bool(full[i].any()):
+            tops.append(top[i])
+            idxs.append(idx[i])
+            continue
+        rows = full[i].nonzero().squeeze(1)
+        part = ~full[i]
+        values = torch.cat([cand[i][part].reshape(-1), acts[i][rows].reshape(-1)])
+        where = torch.cat([cand_flat[i][part].reshape(-1),
+                           (rows.view(-1, 1) * m + torch.arange(m, device=acts.device)).reshape(-1)])
+        t, p = values.topk(kb)
+        tops.append(t)
+        idxs.append(where[p])
+    return torch.stack(tops), torch.stack(idxs)
+
+
+class BatchTopKGroup(SparseTopKFamily):
     architecture = "batchtopk"
     apply_b_dec_to_input = True
     uses_coefficient = False
     has_threshold = True
+    threshold: torch.Tensor  # [n] buffer
 
     def __init__(self, specs: list[SAESpec], d_in: int, cfg: TrainConfig, b_dec_init: torch.Tensor) -> None:
         super().__init__(specs, d_in, cfg, b_dec_init)
-        self.register_buffer("k", torch.tensor([int(s.sparsity) for s in specs], dtype=torch.int64))
         self.register_buffer("threshold", torch.full((self.n,), -1.0))  # < 0: not estimated yet
         self._min_kept: torch.Tensor | None = None
+
+    def _batch_top(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top values of ``acts`` = ReLU(z) [n, b, d_sae] over each SAE's whole batch [n, K], their flat
+        indices, keep mask [n, K]); records the smallest kept positive value for the threshold."""
+        kb = self.k * acts.shape[1]
+        top, idx = batch_top(acts, int(kb.max()))
+        keep = torch.arange(top.shape[1], device=acts.device) < kb.unsqueeze(1)
+        with torch.no_grad():
+            positive = keep & (top > 0)
+            self._min_kept = torch.where(positive, top, torch.full_like(top, float("inf"))).min(dim=1).values
+        return top, idx, keep
 
     def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = self.pre_activations(x)
         self._last_pre = pre
-        b = x.shape[0]
-        acts = torch.relu(pre).reshape(self.n, -1)
-        kb = self.k * b
-        top, idx = acts.topk(min(int(kb.max()), acts.shape[1]), dim=-1)
-        keep = torch.arange(top.shape[1], device=x.device) < kb.unsqueeze(1)
-        kept = top * keep
-        f = torch.zeros_like(acts).scatter(-1, idx, kept).reshape_as(pre)
-        with torch.no_grad():
-            positive = keep & (top > 0)
-            self._min_kept = torch.where(positive, top, torch.full_like(top, float("inf"))).min(dim=1).values
+        top, idx, keep = self._batch_top(torch.relu(pre))
+        f = torch.zeros(self.n, pre[0].numel(), dtype=pre.dtype, device=pre.device)
+        f = f.scatter(-1, idx, top * keep).reshape_as(pre)
         return f, torch.zeros(self.n, device=x.device)
+
+    def select(self, acts: torch.Tensor) -> Kept:
+        """The same batch top-k as the dense step, as a pattern (tokens hold different numbers of entries)."""
+        top, idx, keep = self._batch_top(acts)
+        pattern, order = flat_pattern(idx, acts.shape[1], self.d_sae)
+        mask = None if bool(keep.all()) else keep.to(acts.dtype).reshape(-1)[order]
+        return Kept(pattern, top.reshape(-1)[order], mask)
 
     def encode_inference(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)

@@ -19,7 +19,8 @@ class StandardGroup(SAEGroup):
     def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = torch.relu(self.pre_activations(x))
         if self.cfg.l1_decoder_norm:
-            penalty = (f * self.W_dec.norm(dim=-1).unsqueeze(1)).sum(-1).mean(-1)
+            # sum_i f_i ||W_dec,i|| as a matrix-vector product: no batch x d_sae temporary in the forward
+            penalty = torch.bmm(f, self.W_dec.norm(dim=-1).unsqueeze(-1)).squeeze(-1).mean(-1)
         else:
             penalty = f.sum(-1).mean(-1)  # f >= 0, so this is the L1 norm
         return f, penalty

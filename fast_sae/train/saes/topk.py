@@ -7,13 +7,15 @@ e = x - x_hat (detached), loss alpha * ||e - e_hat||^2 with alpha = 1/32, k_aux 
 gives dead latents a gradient so they come back.
 
 SAEs of one stack may have different k: each takes the top max(k) once and masks ranks >= its k.
+Training runs on the kept entries only when k / d_sae is small (sparse_group.py), otherwise dense.
 """
 from __future__ import annotations
 
 import torch
 
-from ..config import SAESpec, TrainConfig
 from .base import SAEGroup
+from .sparse import fixed_k_pattern
+from .sparse_group import Kept, SparseTopKFamily, auxk_term
 
 
 def keep_top(values: torch.Tensor, k: torch.Tensor, dim_size: int) -> torch.Tensor:
@@ -27,6 +29,7 @@ def keep_top(values: torch.Tensor, k: torch.Tensor, dim_size: int) -> torch.Tens
 
 
 def auxk_loss(group: SAEGroup, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
+    """Dense AuxK: top k_aux of the pre-activations masked to dead latents, decoded with a full matmul."""
     dead = group.dead_mask()  # [n, d_sae], state before this step
     has_dead = dead.any(dim=1)
     if not bool(has_dead.any()):
@@ -35,20 +38,13 @@ def auxk_loss(group: SAEGroup, x: torch.Tensor, pre: torch.Tensor, recon: torch.
     masked = pre.masked_fill(~dead.unsqueeze(1), float("-inf"))
     top, idx = masked.topk(k_aux, dim=-1)
     f_aux = torch.zeros_like(pre).scatter(-1, idx, torch.relu(top))
-    e_hat = torch.bmm(f_aux, group.W_dec)
-    e = (x.unsqueeze(0) - recon).detach()
-    per_sae = (e_hat - e).pow(2).sum(-1).mean(-1)
-    return group.cfg.aux_k_coefficient * per_sae * has_dead.to(per_sae.dtype)
+    return auxk_term(group, torch.bmm(f_aux, group.W_dec), x, recon, has_dead)
 
 
-class TopKGroup(SAEGroup):
+class TopKGroup(SparseTopKFamily):
     architecture = "topk"
     apply_b_dec_to_input = True
     uses_coefficient = False
-
-    def __init__(self, specs: list[SAESpec], d_in: int, cfg: TrainConfig, b_dec_init: torch.Tensor) -> None:
-        super().__init__(specs, d_in, cfg, b_dec_init)
-        self.register_buffer("k", torch.tensor([int(s.sparsity) for s in specs], dtype=torch.int64))
 
     def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = self.pre_activations(x)
@@ -60,3 +56,15 @@ class TopKGroup(SAEGroup):
 
     def auxiliary_loss(self, x: torch.Tensor, pre: torch.Tensor, recon: torch.Tensor) -> torch.Tensor | None:
         return auxk_loss(self, x, pre, recon)
+
+    def select(self, acts: torch.Tensor) -> Kept:
+        """The same top-k as ``keep_top``, as a pattern: k_max entries per token, ranks >= k masked."""
+        n, b, _ = acts.shape
+        top, idx = acts.topk(min(int(self.k.max()), self.d_sae), dim=-1)
+        pattern, order = fixed_k_pattern(idx, self.d_sae)
+        keep = None
+        if bool((self.k < top.shape[-1]).any()):
+            rank = torch.arange(top.shape[-1], device=acts.device)
+            mask = (rank < self.k.view(-1, 1, 1)).to(acts.dtype).expand(n, b, -1)
+            keep = (mask if order is None else mask.gather(-1, order)).reshape(-1)
+        return Kept(pattern, (top if order is None else top.gather(-1, order)).reshape(-1), keep)
