@@ -275,3 +275,26 @@ def test_cli_option_reaches_the_run(small_cache, tmp_path):
     forced = CliRunner().invoke(train_cmd, [*args, "--out", str(tmp_path / "forced"), "--decoder-path", "sparse"])
     assert forced.exit_code == 0, forced.output
     assert "decoder path: 2 sparse, 0 dense" in forced.output
+
+
+def test_auxk_is_normalised_by_the_batch_variance_of_the_residual():
+    """Gao et al.'s AuxK: alpha * MSE(e_hat, e) / MSE(batch mean of e, e), per SAE of the stack."""
+    from types import SimpleNamespace
+
+    from fast_sae.train.saes.sparse_group import auxk_term
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, generator=g)
+    recon = torch.randn(3, 6, 4, generator=g)  # three SAEs
+    e = x.unsqueeze(0) - recon
+    mean_e = e.mean(1, keepdim=True).expand_as(e)
+    group = SimpleNamespace(cfg=SimpleNamespace(aux_k_coefficient=0.5))
+    has_dead = torch.tensor([True, True, False])
+    for scale in (1.0, 1000.0):  # scale-free
+        e_hat = torch.stack([mean_e[0], e[1], mean_e[2] + 1]) * scale
+        out = auxk_term(group, e_hat, x * scale, recon * scale, has_dead)
+        # the batch mean scores 1, a perfect fit 0, an SAE without dead latents 0
+        assert out.tolist() == pytest.approx([0.5, 0.0, 0.0], abs=1e-6)
+    e_hat = torch.zeros_like(e)
+    expected = 0.5 * e[0].pow(2).mean() / (e[0] - e[0].mean(0)).pow(2).mean()
+    assert float(auxk_term(group, e_hat, x, recon, has_dead)[0]) == pytest.approx(float(expected), rel=1e-6)

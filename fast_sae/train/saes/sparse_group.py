@@ -53,9 +53,17 @@ def release_workspaces() -> None:
 
 def auxk_term(group: SAEGroup, e_hat: torch.Tensor, x: torch.Tensor, recon: torch.Tensor,
               has_dead: torch.Tensor) -> torch.Tensor:
-    """AuxK: alpha * ||e - e_hat||^2 (mean over the batch) per SAE, e = x - x_hat detached; 0 without dead latents."""
+    """AuxK per SAE, normalised as Gao et al. do: alpha * MSE(e_hat, e) / MSE(mean_batch(e), e), with
+    e = x - x_hat detached; 0 without dead latents.
+
+    Why normalised: the raw ||e - e_hat||^2 shrinks with the main loss, so a fixed alpha would push
+    dead latents hard early and barely late, and its size would depend on the activation scale; over
+    the batch variance of e it is scale-free (1 for e_hat = the batch mean of e, 0 for a perfect fit).
+    """
     e = (x.unsqueeze(0) - recon).detach()
-    per_sae = (e_hat - e).pow(2).sum(-1).mean(-1)
+    num = (e_hat - e).pow(2).mean((-2, -1))
+    den = (e - e.mean(-2, keepdim=True)).pow(2).mean((-2, -1))
+    per_sae = torch.nan_to_num(num / den.clamp_min(torch.finfo(den.dtype).tiny))
     return group.cfg.aux_k_coefficient * per_sae * has_dead.to(per_sae.dtype)
 
 
