@@ -106,7 +106,8 @@ def main() -> None:
     print(f"model {args.model} on {args.device} ({torch.get_num_threads()} threads); {n} tokens in "
           f"{len(stream.seq_starts) - 1} FAST sequences; {len(batches)} packed batches")
     print(f"bare forward            {r_bare:9.0f} tok/s")
-    print(f"harvest (layers ..{n_layers - 1})   {r_harvest:9.0f} tok/s   harvest/bare = {r_harvest / r_bare:.2f}  (goal >= 0.9)")
+    print(f"harvest (layers ..{n_layers - 1})   {r_harvest:9.0f} tok/s   "
+          f"harvest/bare = {r_harvest / r_bare:.2f}  (goal >= 0.9)")
     print(f"harvest (layers {args.layers})  {r_early:9.0f} tok/s   early/bare   = {r_early / r_bare:.2f}")
     print(f"naive per-sample        {r_naive:9.0f} tok/s   harvest/naive = {r_harvest / r_naive:.2f}, "
           f"early/naive = {r_early / r_naive:.2f}")

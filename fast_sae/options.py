@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -137,7 +137,8 @@ def _options(cls: type, overrides: bool, exclude: set[str], prefix: str = "",
         tp, optional = _unwrap_optional(hints[f.name])
         if _is_config(tp):
             sub = meta.get("prefix")
-            out += _options(tp, overrides, exclude, prefix + (sub if sub is not None else f.name.replace("_", "-") + "-"),
+            nested = sub if sub is not None else f.name.replace("_", "-") + "-"
+            out += _options(tp, overrides, exclude, prefix + nested,
                             (*path, f.name))
             continue
         name = meta.get("flag") or prefix + f.name.replace("_", "-")
@@ -251,7 +252,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     ValueError naming ``where`` and the field.
     """
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls))}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown field {unknown[0]!r}")

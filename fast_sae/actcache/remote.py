@@ -39,8 +39,10 @@ class ObjectStore(Store):
                 os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true"):
             client.setdefault("allow_http", True)  # a plain-HTTP endpoint (a local test server, a LAN store)
         try:
-            self.store = obstore.store.from_url(location.url, config=config or None, client_options=client,
-                                                retry_config={"max_retries": 3, "retry_timeout": _seconds(60)})
+            # config is a plain dict whose keys depend on the scheme: not one of from_url's typed overloads
+            from_url: Any = obstore.store.from_url
+            self.store = from_url(location.url, config=config or None, client_options=client,
+                                  retry_config={"max_retries": 3, "retry_timeout": _seconds(60)})
         except Exception as exc:  # obstore raises its own errors for bad URLs and unknown keys
             raise CacheError(f"{location}: cannot open the object store ({_one_line(exc)})") from None
 

@@ -110,6 +110,7 @@ class HarvestConfig:
 
 
 def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, Any]:
+    assert cfg.dataset is not None  # resolved() chose the embedded default
     src = DataSource(cfg.dataset, cfg.dataset_split, cfg.dataset_config, cfg.max_samples)
     selection = DocSelection(cfg.docs, cfg.holdout_fraction, cfg.holdout_seed)
     fp = Fingerprint()
@@ -148,7 +149,7 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,
         layers=cfg.layers, dtype=cfg.dtype, regime=cfg.regime, context_size=cfg.context_size,
-        dataset=cfg.dataset, dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
+        dataset=cfg.dataset or "", dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
         n_tokens=len(stream.ids), n_sequences=len(stream.seq_starts) - 1, chunk_tokens=cfg.chunk_tokens,
         compression=cfg.compression, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args(),
@@ -208,7 +209,8 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
         writer.close()
     elapsed = time.perf_counter() - t0
     summary = {
-        **base, "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})", "regime": cfg.regime, "dataset": cfg.dataset,
+        **base, "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})", "regime": cfg.regime,
+        "dataset": cfg.dataset,
         "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
         "tokens_this_run": tokens_todo, "tokens_computed": computed, "chunks_this_run": len(pending),
         "complete": result is not None, "forward_seconds": round(t_done - t_fwd, 2),

@@ -43,4 +43,4 @@ def load_model(model_id: str, revision: str | None = None, dtype: str = "float32
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model {model_id!r}: cannot load ({str(exc).splitlines()[0]})") from None
     model.eval().requires_grad_(False)
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers' stubs miss the str overload

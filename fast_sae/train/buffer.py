@@ -8,7 +8,7 @@ integers only), and on resume the buffer's kept half is re-read by gathering tho
 Randomness is drawn from ``numpy.random.default_rng([seed, order_tag, cycle])``, one generator per
 refill cycle / epoch, so there is no RNG state that could drift.
 
-Mixing buffer (fast-paper.md §1): the buffer holds ``2H`` tokens. Cycle 0 fills it with the first
+Mixing buffer (docs/method.md §2): the buffer holds ``2H`` tokens. Cycle 0 fills it with the first
 ``2H`` tokens of the stream (cache order), shuffles, serves one half (``H`` tokens, as ``H/b``
 batches) and keeps the other; each later cycle appends the next ``H`` stream tokens to the kept
 half, shuffles the ``2H`` tokens, serves one half, keeps the other.

@@ -39,7 +39,8 @@ class TrainConfig:
     ``[train]`` key of a run file. Defaults follow the FAST paper's training setup where it has one
     (Adam 7e-5 -> 7e-6, warm-up/decay/sparsity warm-up 5% / 20% / 1/32 of the run)."""
 
-    tokens: int = setting(40_960_000, help="Training tokens per SAE; every SAE sees the same stream (paper: 40,960,000).")
+    tokens: int = setting(40_960_000, help="Training tokens per SAE; every SAE sees the same stream "
+                                           "(paper: 40,960,000).")
     batch_tokens: int = setting(4096, help="Tokens per optimiser step (the paper uses 128; larger batches are far "
                                            "faster here).")
     lr: float = setting(7e-5, help="Adam learning rate (paper: 7e-5).")

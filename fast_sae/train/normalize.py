@@ -119,7 +119,7 @@ def normalization(cache: ActivationCache, layer: int, method: str, token_range: 
 
 
 def geometric_median(points: torch.Tensor, maxiter: int = 100, ftol: float = 1e-20) -> torch.Tensor:
-    """Weiszfeld iterations as in SAELens (fast-paper.md §3.2), computed in float64."""
+    """Weiszfeld iterations as in SAELens (docs/method.md §3), computed in float64."""
     p = points.to(torch.float64)
     weights = torch.ones(len(p), dtype=torch.float64)
     median = (weights[:, None] * p).sum(0) / weights.sum()

@@ -1,4 +1,4 @@
-"""Learning-rate and sparsity-coefficient schedules (fast-paper.md §3.3, SAELens 5.3.3 semantics).
+"""Learning-rate and sparsity-coefficient schedules (docs/method.md §3, SAELens 5.3.3 semantics).
 
 Why plain functions of the step: the trainer sets the lr of every param group from them each
 step, so a resumed run needs no scheduler state to be bit-exact.

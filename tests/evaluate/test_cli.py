@@ -119,7 +119,8 @@ def test_intervention_is_wired_into_the_report(tmp_path, runs, fast_cache, embed
     run_fast, _ = runs
     model_id = ActivationCache.open(fast_cache).meta.model_id
     report = run_evaluation(EvalConfig(
-        saes=[run_fast], caches=[fast_cache], out=tmp_path / "o", downstream=DownstreamConfig(enabled=False), progress=False, max_eval_tokens=500,
+        saes=[run_fast], caches=[fast_cache], out=tmp_path / "o", downstream=DownstreamConfig(enabled=False),
+        progress=False, max_eval_tokens=500,
         intervention=InterventionSettings(enabled=True, alphas=(0, 50), max_new_tokens=3, prompts=["Say hello."])),
         log=lambda _m: None, models={model_id: embedded_model})
     iv = report["rows"][0]["intervention"]

@@ -194,7 +194,8 @@ def test_run_intervention_end_to_end(embedded_model, steer_sae, fast_cache, tmp_
     for item in doc["unmodified"] + [r for row in doc["rows"] for r in row["replies"]]:
         assert (item["score"] is None) != (item["reason"] is None)  # scored, or unscored with a reason
         assert item["score"] is None or 1 <= item["score"] <= 10
-    distinct = {(r["prompt"], r["reply"]) for r in doc["unmodified"] + [r for row in doc["rows"] for r in row["replies"]]}
+    replies = doc["unmodified"] + [r for row in doc["rows"] for r in row["replies"]]
+    distinct = {(r["prompt"], r["reply"]) for r in replies}
     assert doc["judge_backend_calls"] == len(distinct)  # alpha 0 = unmodified: asked once, then cached
     assert "| feature | alpha |" in md and f"| {top_feature} | 50 |" in md
     # rerun: every judge reply comes from the cache

@@ -63,7 +63,8 @@ def test_against_numpy_reference_with_roles(tmp_path):
     res = _run(cache, sae_path)
 
     sae = load_sae(sae_path)
-    W_enc, b_enc, W_dec, b_dec = (getattr(sae, k).numpy().astype(np.float64) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, k).numpy().astype(np.float64)
+                                  for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     xd = x.astype(np.float64)
     f = np.maximum(xd @ W_enc + b_enc, 0)
     err = ((xd - (f @ W_dec + b_dec)) ** 2).sum(1)

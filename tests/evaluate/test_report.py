@@ -44,10 +44,11 @@ def test_report_files(evaluated):
     fast = by_name["fast_run/pca"]["reconstruction"]["subsets"]
     btp = by_name["btp_run/pca"]["reconstruction"]["subsets"]
     assert fast["special"]["mse"] < btp["special"]["mse"]  # fitted with special tokens in view
-    assert by_name["btp_run/mean"]["reconstruction"]["subsets"]["all"]["explained_variance"] == pytest.approx(0, abs=1e-5)
+    ev = by_name["btp_run/mean"]["reconstruction"]["subsets"]["all"]["explained_variance"]
+    assert ev == pytest.approx(0, abs=1e-5)
     assert by_name["btp_run/mean"]["reconstruction"]["dead_fraction"] == 1.0
-    back = read_report(out)
-    assert back["rows"][0]["reconstruction"]["subsets"]["all"]["mse"] == report["rows"][0]["reconstruction"]["subsets"]["all"]["mse"]
+    back = read_report(out)["rows"][0]["reconstruction"]["subsets"]["all"]
+    assert back["mse"] == report["rows"][0]["reconstruction"]["subsets"]["all"]["mse"]
     md = (out / "report.md").read_text()
     assert "| SAE | trained | eval on |" in md and "log2 MSE_st ★" in md and "Headline (★)" in md
     assert "ΔCE" not in md.split("## By token filter")[0].split("\n|")[1]  # no downstream pass ran
@@ -118,10 +119,12 @@ def test_score_bands_plot_and_section(evaluated, tmp_path):
     assert (tmp_path / "plots" / "score_bands.png").read_bytes()[:4] == b"\x89PNG" and "score_bands" in plots
     md = render_markdown({**report, "rows": rows})
     section = md.split("## Interpretability")[1]
-    assert "| SAE | eval on | score 1 | score 2 | score 3 | score 4 | score 5 | top band 4–5 | mean | scored |" in section
+    assert ("| SAE | eval on | score 1 | score 2 | score 3 | score 4 | score 5 | top band 4–5 | mean | scored |"
+            in section)
     assert "| fast_run/pca | fast | 50.0 | 25.0 | 0.0 | 25.0 | 0.0 | 25.0 |" in section
     assert "not meaningful" not in md  # a judge not marked otherwise (e.g. a hosted one)
-    rows[0]["interpretability"] = {"n_live": 6, "n_features_sampled": 4, "scores": None, "files": {"dashboard": "x.html"}}
+    rows[0]["interpretability"] = {"n_live": 6, "n_features_sampled": 4, "scores": None,
+                                   "files": {"dashboard": "x.html"}}
     section = render_markdown({**report, "rows": rows[:1]}).split("## Interpretability")[1]
     assert "| fast_run/pca | fast | 6 |" in section and "x.html" in section  # without a judge
     assert "top band %" in md.split("## By token filter")[0]

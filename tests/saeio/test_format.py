@@ -95,7 +95,8 @@ def test_d_sae_of_the_wrong_type_is_a_one_line_error(tmp_path, value):
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "d_sae": value}))
     with pytest.raises(CheckpointError,
-                       match=r"cfg.json: (field 'd_sae' = .+, expected (int|a positive integer)|missing field 'd_sae')$"):
+                       match=r"cfg.json: (field 'd_sae' = .+, expected (int|a positive integer)"
+                             r"|missing field 'd_sae')$"):
         load_sae(tmp_path / "s")
 
 

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--layers", "3,7", "--architectures", "standard,topk", "--expansion-factors", "2", "--tokens", "4000",
         "--batch-tokens", "100", "--buffer-tokens", "1000", "--eval-sequences", "10", "--log-every", "10",
         "--k", "4", "--no-progress"]
-RUNNER = "import sys, torch; torch.set_num_threads(1); from fast_sae.train.cli import train_cmd; train_cmd(sys.argv[1:])"
+RUNNER = ("import sys, torch; torch.set_num_threads(1); from fast_sae.train.cli import train_cmd; "
+          "train_cmd(sys.argv[1:])")
 
 
 def test_partition_keeps_layers_together_and_balances():

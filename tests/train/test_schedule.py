@@ -1,4 +1,4 @@
-"""Learning-rate and sparsity warm-up curves (SAELens 5.3.3 semantics, fast-paper.md §3.3); memory check."""
+"""Learning-rate and sparsity warm-up curves (SAELens 5.3.3 semantics, docs/method.md §3); memory check."""
 from __future__ import annotations
 
 import pytest

@@ -107,7 +107,8 @@ def test_stop_and_resume_is_bit_exact(small_cache, tmp_path, order):
 
 def test_killed_process_resumes_to_identical_weights(small_cache, tmp_path):
     """A real subprocess killed with SIGKILL mid-run, then the same command again."""
-    args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); from fast_sae.train.cli import train_cmd; "
+    args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
+            "from fast_sae.train.cli import train_cmd; "
             "train_cmd(sys.argv[1:])", str(small_cache), "--layers", "3", "--architectures", "standard,topk",
             "--expansion-factors", "4", "--tokens", "60000", "--batch-tokens", "100", "--buffer-tokens", "1000",
             "--eval-sequences", "10", "--checkpoint-every", "15", "--log-every", "50", "--lr", "1e-3",

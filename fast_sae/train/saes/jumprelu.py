@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024), exactly as fast-paper.md §3.1 describes it.
+"""JumpReLU SAE (Rajamanoharan et al. 2024), exactly as the paper describes it (docs/method.md §3).
 
 f = z * H(z - theta) with z = x W_enc + b_enc and a learnable per-feature theta > 0, stored as
 log theta (init log 0.001). Loss: ||x - x_hat||^2 + lambda * ||f||_0 with

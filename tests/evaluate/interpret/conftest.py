@@ -53,7 +53,8 @@ class ChatServer:
     """A real OpenAI-compatible HTTP server on 127.0.0.1 (an ephemeral port) answering from a script.
 
     ``replies`` is consumed in order (the last one repeats); an int entry answers with that HTTP
-    error status, a bytes entry is sent as the raw body. It serves at most ``max_requests`` requests and stops by itself after
+    error status, a bytes entry is sent as the raw body. It serves at most ``max_requests`` requests
+    and stops by itself after
     ``idle_timeout`` seconds without one, so a failing test can never leave it running.
     """
 

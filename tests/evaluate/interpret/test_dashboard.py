@@ -17,7 +17,8 @@ REPORTS = [
 
 
 def test_dashboard_written_self_contained_and_escaped(tmp_path):
-    judged = [{"feature": 3, "score": 4, "name": "tags <b>"}, {"feature": 11, "score": None, "reason": "malformed reply"}]
+    judged = [{"feature": 3, "score": 4, "name": "tags <b>"},
+              {"feature": 11, "score": None, "reason": "malformed reply"}]
     path = write_dashboard(tmp_path / "d" / "dashboard.html", title="SAE <x>", reports=REPORTS,
                            density=np.array([0.0, 0.01, 0.2, 1e-4]), judged=judged, summary={"layer": 2})
     html = path.read_text(encoding="utf-8")
