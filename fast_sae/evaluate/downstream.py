@@ -16,7 +16,7 @@ The same figures are also given per token filter (``filters``, see reconstructio
 (the sink / shared prefix keep their clean activation) and the losses average the predictions
 made at kept positions; the loss an SAE costs on the tokens it is scored on, not on a sink's
 reconstruction that every later token reads.
-As a check on layer indexing (docs/method.md §6), the clean pass also captures the layer's output and
+As a check on layer indexing (docs/method.md §4), the clean pass also captures the layer's output and
 compares it to the cached activations of the same tokens (``cache_match_rel_err``).
 """
 from __future__ import annotations

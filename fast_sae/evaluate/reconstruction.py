@@ -10,7 +10,7 @@ Definitions (all on raw, un-normalised activations, float64 accumulation):
 - ``mse_token``: the micro average Σ‖y−ŷ‖² / (n·H), for comparison with tools that report it.
 - ``nmse``: Σ‖y−ŷ‖² / Σ‖y‖², reconstruction error relative to the activations' energy.
 - ``explained_variance``: 1 − Σ‖y−ŷ‖² / Σ‖y−μ‖², μ the per-dimension mean over the subset's eval
-  tokens (not per batch, not zero: docs/method.md §6). Σ‖y−μ‖² = Σ‖y‖² − n‖μ‖², exact in float64.
+  tokens (not per batch, not zero: docs/method.md §5). Σ‖y−μ‖² = Σ‖y‖² − n‖μ‖², exact in float64.
 - ``l0``: mean number of active features (f > 0) per token.
 - feature frequencies over all eval tokens: a feature is *dead* if it fires on at most
   ``dead_threshold`` of the tokens (default 0: never), *dense* if on more than ``dense_threshold``

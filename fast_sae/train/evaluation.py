@@ -3,7 +3,7 @@
 Why here and not only in the evaluate stage: the end-of-run table must say at a glance whether
 each SAE of the grid trained (MSE, explained variance, L0, dead features). The evaluate stage
 does the full job (paper's per-sequence MSE, special tokens, judge). Explained variance follows
-docs/method.md §6: 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2 over the whole scored set, mean taken
+docs/method.md §5: 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2 over the whole scored set, mean taken
 per dimension over the set's tokens. MSE is reported on raw activations (per element).
 """
 from __future__ import annotations

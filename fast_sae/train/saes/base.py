@@ -162,7 +162,7 @@ class SAEGroup(nn.Module):
         """Metrics over the steps since the last call, per SAE; resets the window.
 
         Explained variance is 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2 over the whole window,
-        the mean taken over the window's tokens per dimension (docs/method.md §6), not per batch.
+        the mean taken over the window's tokens per dimension (docs/method.md §5), not per batch.
         """
         n_tok = max(int(self.acc_tokens), 1)
         centered = float(self.acc_sum_sq) - float(self.acc_sum_x.pow(2).sum()) / n_tok
