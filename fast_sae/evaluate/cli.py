@@ -14,8 +14,8 @@ import click
 from fast_sae.actcache import StorageConfig, set_default_storage_options
 from fast_sae.options import click_options, from_options
 
+from .config import EvalConfig
 from .errors import EvalError
-from .runner import EvalConfig
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 
 from fast_sae.actcache import ActivationCache
 from fast_sae.evaluate.cli import compare_cmd, evaluate_cmd
+from fast_sae.evaluate.config import EvalConfig, InterventionSettings
 from fast_sae.evaluate.downstream import DownstreamConfig
-from fast_sae.evaluate.runner import EvalConfig, InterventionSettings, run_evaluation
+from fast_sae.evaluate.runner import run_evaluation
 
 from .helpers import save_identity_sae, save_pca_sae
 

@@ -9,10 +9,11 @@ import pytest
 
 from fast_sae.actcache import ActivationCache, Role
 from fast_sae.evaluate.compare import comparison, render_markdown, run_compare
+from fast_sae.evaluate.config import EvalConfig, InterpretSettings
 from fast_sae.evaluate.downstream import DownstreamConfig
 from fast_sae.evaluate.errors import EvalError
 from fast_sae.evaluate.frontier import common_l0, interpolate
-from fast_sae.evaluate.runner import EvalConfig, InterpretSettings, run_evaluation
+from fast_sae.evaluate.runner import run_evaluation
 
 from .helpers import make_cache, provenance, save_pca_sae
 

@@ -17,12 +17,11 @@ from fast_sae.evaluate.intervention import (
     SteeringSpec,
     default_prompts,
     generate_reply,
-    pick_features,
     run_intervention,
-    special_token_features,
     steering,
     steering_direction,
 )
+from fast_sae.evaluate.special_features import pick_features, special_token_features
 from fast_sae.lm import EMBEDDED_MODEL, decoder_layers
 from fast_sae.saeio import load_sae, save_sae
 

@@ -8,11 +8,12 @@ import pytest
 
 from fast_sae.actcache import Role
 from fast_sae.evaluate.compare import run_compare
+from fast_sae.evaluate.config import EvalConfig
 from fast_sae.evaluate.downstream import DownstreamConfig
 from fast_sae.evaluate.errors import EvalError
 from fast_sae.evaluate.reconstruction import ReconstructionConfig
 from fast_sae.evaluate.report import fmt, markdown_table, read_report
-from fast_sae.evaluate.runner import EvalConfig, run_evaluation
+from fast_sae.evaluate.runner import run_evaluation
 
 from .helpers import make_cache, save_constant_sae, save_pca_sae
 
