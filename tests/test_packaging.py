@@ -7,6 +7,8 @@ import sys
 from importlib.metadata import distribution
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -25,6 +27,7 @@ def test_install_adds_one_top_level_package_and_the_shim() -> None:
             assert name not in mapping, f"{name} installed as a top-level module"
 
 
+@pytest.mark.slow
 def test_runs_beside_huggingface_evaluate(tmp_path: Path) -> None:
     code = ("import evaluate, fast_sae.evaluate, fast_sae.evaluate.runner\n"
             "assert hasattr(evaluate, 'load'), evaluate.__file__\n"

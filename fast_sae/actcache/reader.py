@@ -8,8 +8,10 @@ recorded at commit, and decoded. Every activation that leaves this module has be
 """
 from __future__ import annotations
 
+import mmap
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,6 +58,7 @@ class ActivationCache:
         self._verify_lock = threading.Lock()
         self._readahead: dict[int, ReadAhead] = {}
         self._verify_ahead: dict[int, ReadAhead] = {}
+        self._mapped: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()  # recent maps, shared
 
     @classmethod
     def open(cls, path: str | Path | RemotePath, require_complete: bool = True,
@@ -233,15 +236,40 @@ class ActivationCache:
                             self.meta.compression, str(self.chunk_file(layer, index)))
 
     def _verify_file(self, layer: int, index: int) -> None:
-        """Checksum of one local chunk file (on a read-ahead thread: xxhash releases the GIL)."""
+        """Checksum of one local chunk file, hashed straight from its memory map (on a read-ahead
+        thread: xxhash releases the GIL). Hashing the map the loader will read, rather than a copy,
+        costs no extra pass over the bytes and leaves the pages mapped for the loader."""
         if (layer, index) in self._verified:
             return
-        f = Path(str(self.chunk_file(layer, index)))
-        with open(f, "rb") as fh:
-            data = fh.read()
-        self._verify_bytes(layer, index, data)
+        self._verify_bytes(layer, index, self._map_file(layer, index))
         with self._verify_lock:
             self._verified.add((layer, index))
+
+    def _map_file(self, layer: int, index: int) -> np.ndarray:
+        """The whole chunk file as a read-only array over one shared memory map (the last few are
+        kept, so the verifying thread and the loader use the same map). MAP_POPULATE maps every
+        page at once instead of faulting them in one by one on first touch."""
+        key = (layer, index)
+        with self._verify_lock:
+            arr = self._mapped.get(key)
+            if arr is not None:
+                self._mapped.move_to_end(key)
+                return arr
+        f = Path(str(self.chunk_file(layer, index)))
+        size = f.stat().st_size if f.is_file() else -1
+        if size != self.chunk_bytes():
+            what = "missing" if size < 0 else f"{size} bytes, expected {self.chunk_bytes()}"
+            raise CacheError(f"{f}: chunk file {what}; the cache is truncated or corrupt")
+        with open(f, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ)
+        arr = np.frombuffer(mm, dtype=np.dtype(self.meta.dtype).newbyteorder("<"))
+        arr = arr.reshape(self.meta.chunk_tokens, self.meta.d_model)
+        with self._verify_lock:
+            self._mapped[key] = arr
+            while len(self._mapped) > 16:
+                self._mapped.popitem(last=False)
+        return arr
 
     def memmap_chunk(self, layer: int, index: int, wrap_at: int | None = None) -> np.ndarray:
         """Rows of one chunk as a read-only memory map (uncompressed local caches only). With
@@ -251,20 +279,13 @@ class ActivationCache:
         if not self.memmappable:
             raise CacheError(f"{self.path}: a {'compressed' if self.local else 'remote'} cache cannot be "
                              f"memory-mapped")
-        f = Path(str(self.chunk_file(layer, index)))
-        size = f.stat().st_size if f.is_file() else -1
-        if size != self.chunk_bytes():
-            what = "missing" if size < 0 else f"{size} bytes, expected {self.chunk_bytes()}"
-            raise CacheError(f"{f}: chunk file {what}; the cache is truncated or corrupt")
-        mm = np.memmap(f, dtype=np.dtype(self.meta.dtype).newbyteorder("<"), mode="r",
-                       shape=(self.meta.chunk_tokens, self.meta.d_model))
         if self.verify and (layer, index) not in self._verified:
             ahead = self._verify_ahead.get(layer)
             if ahead is None:
                 ahead = ReadAhead(lambda i: self._verify_file(layer, i), self._following(wrap_at), depth=4)
                 self._verify_ahead[layer] = ahead
             ahead.get(index)
-        return mm[: self.chunk_rows(index)]
+        return self._map_file(layer, index)[: self.chunk_rows(index)]
 
     def _following(self, wrap_at: int | None) -> Any:
         """The chunk read after chunk i: i + 1, and after the chunk holding token ``wrap_at - 1`` chunk 0
@@ -336,6 +357,8 @@ class ActivationCache:
             ra.close()
         self._readahead.clear()
         self._verify_ahead.clear()
+        with self._verify_lock:
+            self._mapped.clear()  # a map stays open while an array still uses it
 
     # ------------------------------------------------------------------ statistics and tokenizer
     def layer_stats(self, layer: int) -> LayerStats:

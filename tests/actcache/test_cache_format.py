@@ -13,6 +13,7 @@ def _acts(n=1000, d=16, seed=0):
     return {1: rng.standard_normal((n, d)).astype(np.float32), 4: rng.standard_normal((n, d)).astype(np.float32)}
 
 
+@pytest.mark.slow
 def test_chunk_files_are_plain_little_endian_arrays(tmp_path):
     acts = _acts()
     write_cache_from_arrays(tmp_path / "c", acts, seq_starts=[0, 300, 1000], chunk_tokens=256)
@@ -29,6 +30,7 @@ def test_chunk_files_are_plain_little_endian_arrays(tmp_path):
     assert [codec["name"] for codec in meta["codecs"]] == ["bytes"]
 
 
+@pytest.mark.slow
 def test_zstd_cache_reads_the_same(tmp_path):
     acts = _acts()
     write_cache_from_arrays(tmp_path / "z", acts, chunk_tokens=256, compression="zstd")
@@ -39,6 +41,7 @@ def test_zstd_cache_reads_the_same(tmp_path):
         c.memmap_chunk(4, 0)
 
 
+@pytest.mark.slow
 def test_refusals(tmp_path):
     write_cache_from_arrays(tmp_path / "c", _acts(), chunk_tokens=256)
     c = ActivationCache.open(tmp_path / "c")
@@ -58,6 +61,7 @@ def test_refusals(tmp_path):
         ActivationCache.open(tmp_path / "d")
 
 
+@pytest.mark.slow
 def test_all_zero_chunks_are_still_written(tmp_path):
     acts = {1: np.zeros((600, 8), np.float32)}
     write_cache_from_arrays(tmp_path / "c", acts, chunk_tokens=256)

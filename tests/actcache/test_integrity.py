@@ -40,6 +40,7 @@ def _flip(f: Path, offset: int, mask: int = 0x01) -> None:
     f.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_commit_records_and_index_match_the_files(tmp_path):
     path = _cache(tmp_path)
     cache = ActivationCache.open(path)
@@ -55,6 +56,7 @@ def test_commit_records_and_index_match_the_files(tmp_path):
             assert rec["files"][f"acts/layer_{layer}/c/{i}/0"][0] == nbytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", ["none", "zstd"])
 def test_a_flipped_bit_is_caught_on_read(tmp_path, compression):
     path = _cache(tmp_path, compression=compression)
@@ -79,6 +81,7 @@ def test_zstd_frames_carry_their_content_checksum(tmp_path):
     assert raw[4] & 0x04  # frame header descriptor: content checksum flag
 
 
+@pytest.mark.slow
 def test_non_finite_activations_are_refused_at_write_and_at_read(tmp_path):
     acts = _acts()
     acts[1][700, 3] = np.nan
@@ -104,6 +107,7 @@ def _edit_attrs(path: Path, **changes) -> None:
     (path / "zarr.json").write_text(json.dumps(doc))
 
 
+@pytest.mark.slow
 def test_attributes_are_validated_against_the_arrays(tmp_path):
     path = _cache(tmp_path)
     _edit_attrs(path, n_tokens=5000)
@@ -126,6 +130,7 @@ def test_attributes_are_validated_against_the_arrays(tmp_path):
     ActivationCache.open(path)
 
 
+@pytest.mark.slow
 def test_non_monotonic_sequence_starts_are_refused(tmp_path):
     acts = _acts()
     path = write_cache_from_arrays(tmp_path / "c", acts, seq_starts=[0, 1000, 2965, 3000], chunk_tokens=512)
@@ -154,6 +159,7 @@ def test_corrupt_token_arrays_and_a_truncated_stats_file_give_one_line(tmp_path)
     assert "stats/mean_layer_" in line and "cannot read the array" in line
 
 
+@pytest.mark.slow
 def test_stale_creating_folders_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -169,6 +175,7 @@ def test_stale_creating_folders_of_dead_processes_are_removed(tmp_path):
         alive.wait()
 
 
+@pytest.mark.slow
 def test_version_1_caches_are_still_read(tmp_path):
     path = _cache(tmp_path)
     for sub in ("commits", "index", "stats/chunk_sum_layer_1", "stats/chunk_sum_layer_4", "stats/norm_layer_1",

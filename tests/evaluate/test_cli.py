@@ -72,6 +72,7 @@ def test_evaluate_and_compare_end_to_end(tmp_path, runs, fast_cache):
     assert "| tokens | metric | L0 | fast | bt-p |" in cmp.stdout and (tmp_path / "cmp" / "compare.md").is_file()
 
 
+@pytest.mark.slow
 def test_missing_sae_is_one_line_error(tmp_path, fast_cache):
     proc = _pipeline("evaluate", "--sae", tmp_path / "nope", "--cache", fast_cache, "--out", tmp_path / "o")
     assert proc.returncode == 1

@@ -99,6 +99,7 @@ def _eval(tmp_path, cache, run, **kw):
                                      downstream=DownstreamConfig(enabled=False), **kw), log=lambda _m: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regime", ["fast", "bt-f"])
 def test_an_overlapping_held_out_set_is_refused(tmp_path, chat_cache, regime):
     cache, x = chat_cache  # documents 0..3
@@ -112,6 +113,7 @@ def test_an_overlapping_held_out_set_is_refused(tmp_path, chat_cache, regime):
     assert "**WARNING: some SAEs were trained on eval documents" in (tmp_path / "o" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_disjoint_and_other_dataset_pass(tmp_path, chat_cache):
     cache, x = chat_cache
     save_pca_sae(tmp_path / "run" / "a", x, 1, 2, model_name="m",

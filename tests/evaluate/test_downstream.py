@@ -39,6 +39,7 @@ def model_cache(tmp_path_factory, embedded_model):
     return _model_cache(tmp_path_factory.mktemp("ds") / "cache", model, tok)
 
 
+@pytest.mark.slow
 def test_identity_splice_equals_clean_and_zero_is_worse(tmp_path, embedded_model, model_cache):
     model, _ = embedded_model
     d = model.config.hidden_size
@@ -87,6 +88,7 @@ def test_token_filters_splice_only_kept_positions(tmp_path, embedded_model, mode
     assert out["zero"].filters["no_pos0"].zero_loss != pytest.approx(out["zero"].zero_loss, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_off_by_one_cache_is_flagged(tmp_path, embedded_model):
     model, tok = embedded_model
     cache = ActivationCache.open(_model_cache(tmp_path / "shifted", model, tok, shift=0))
@@ -98,6 +100,7 @@ def test_off_by_one_cache_is_flagged(tmp_path, embedded_model):
     assert out["id"].to_dict()["cache_match_rel_err"] > 0.05
 
 
+@pytest.mark.slow
 def test_downstream_sequences_respects_caps(tmp_path):
     x = np.ones((30, 2), np.float32)  # note: all-zero chunks are not written by the cache writer (see report)
     cache = ActivationCache.open(make_cache(tmp_path / "c", {0: x}, [1, 10, 10, 9]))

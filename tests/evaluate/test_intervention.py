@@ -35,6 +35,7 @@ def identity_sae(folder, d):
                      "hook_layer": 0})
 
 
+@pytest.mark.slow
 def test_special_token_features_average_max_on_known_values(tmp_path):
     S, U = int(Role.SPECIAL), int(Role.USER)
     acts = np.array([[1, 0, 0], [9, 9, 9], [3, 0, 1], [0, 2, 0],  # doc 0: token 1, user, token 1, token 2
@@ -96,6 +97,7 @@ def _layer_output(model, layer, input_ids):
     return store["h"]
 
 
+@pytest.mark.slow
 def test_steering_adds_exactly_alpha_times_decoder_row(embedded_model, steer_sae):
     model, tok = embedded_model
     sae = load_sae(steer_sae)
@@ -156,6 +158,7 @@ def test_steering_with_alpha_on_the_unit_direction_moves_the_residual_by_exactly
         steering_direction(sae, 2, "folded")
 
 
+@pytest.mark.slow
 def test_alpha_zero_reproduces_unmodified_generation(embedded_model, steer_sae):
     model, tok = embedded_model
     sae = load_sae(steer_sae)
@@ -171,6 +174,7 @@ def test_alpha_zero_reproduces_unmodified_generation(embedded_model, steer_sae):
     assert steered_ids != ids  # a large push along a direction does change the reply
 
 
+@pytest.mark.slow
 def test_run_intervention_end_to_end(embedded_model, steer_sae, fast_cache, tmp_path):
     sae, cache, lm = steer_sae, fast_cache, embedded_model
     judge = JudgeConfig(backend="local", model=EMBEDDED_MODEL, max_new_tokens=8, retries=0)

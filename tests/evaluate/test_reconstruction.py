@@ -23,6 +23,7 @@ def _run(cache_path, sae_path, layer=0, cfg=CFG, verify=True):
     return evaluate_reconstruction({"s": entries[0].sae}, cache, layer, sel, cfg)["s"]
 
 
+@pytest.mark.slow
 def test_eq7_macro_average_over_unequal_sequences(tmp_path):
     # Sequence A: one token [2, 0] (sq. error 4 with a zero reconstruction).
     # Sequence B: [1, 0], [0, 1], [1, 1] (errors 1, 1, 2; mean 4/3).
@@ -40,6 +41,7 @@ def test_eq7_macro_average_over_unequal_sequences(tmp_path):
     assert all_["explained_variance"] == pytest.approx(1 - 8 / 3)
 
 
+@pytest.mark.slow
 def test_identity_sae_is_exact(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 4)).astype(np.float32) * 3
@@ -49,6 +51,7 @@ def test_identity_sae_is_exact(tmp_path):
     assert res.subsets["all"]["explained_variance"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_against_numpy_reference_with_roles(tmp_path):
     rng = np.random.default_rng(1)
     lengths = [3, 9, 1, 6, 5]
@@ -95,6 +98,7 @@ def test_against_numpy_reference_with_roles(tmp_path):
     assert res.dense_fraction == pytest.approx((freq > 0.1).mean())
 
 
+@pytest.mark.slow
 def test_several_saes_share_one_pass_and_stay_independent(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 3)).astype(np.float32)
@@ -114,6 +118,7 @@ def test_several_saes_share_one_pass_and_stay_independent(tmp_path):
     assert d["n_dead"] == 4 and d["density_histogram"]["n_never_fired"] == 4
 
 
+@pytest.mark.slow
 def test_sink_and_shared_prefix_subsets_by_hand(tmp_path):
     """Three sequences whose first two tokens are the same (ids 1, 2) and whose position 0 is a sink."""
     ids = [1, 2, 3, 10, 1, 2, 3, 11, 12, 1, 2, 4, 13]
@@ -150,6 +155,7 @@ def test_sink_and_shared_prefix_subsets_by_hand(tmp_path):
     assert res2.filtered["no_prefix"]["all"]["mse"] == pytest.approx(no_pos0["all"]["mse"])
 
 
+@pytest.mark.slow
 def test_non_finite_inputs_are_counted_and_log2_stays_non_finite(tmp_path):
     from safetensors.torch import load_file
 

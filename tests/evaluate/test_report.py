@@ -37,6 +37,7 @@ def evaluated(tmp_path_factory):
     return report, out
 
 
+@pytest.mark.slow
 def test_report_files(evaluated):
     report, out = evaluated
     assert [r["name"] for r in report["rows"]] == ["fast_run/pca", "mean", "btp_run/pca"]
@@ -61,6 +62,7 @@ def test_report_files(evaluated):
     assert freq.shape == (6,) and (freq > 0).all()
 
 
+@pytest.mark.slow
 def test_compare_groups_and_matched_l0(evaluated, tmp_path):
     report, out = evaluated
     groups, md, files = run_compare([out], tmp_path / "cmp")
@@ -104,6 +106,7 @@ def test_cells():
     assert table.splitlines() == ["| A |", "|---|", "| 1.0 |"]  # all-empty column dropped
 
 
+@pytest.mark.slow
 def test_score_bands_plot_and_section(evaluated, tmp_path):
     """Judge results (as run_interpretability returns them) become a plot and a report section."""
     from fast_sae.evaluate.plots import write_plots
@@ -131,6 +134,7 @@ def test_score_bands_plot_and_section(evaluated, tmp_path):
     assert "top band %" in md.split("## By token filter")[0]
 
 
+@pytest.mark.slow
 def test_every_sae_on_every_eval_cache(tmp_path):
     """Cross-regime scoring: each SAE gets one row per eval cache, told apart by the cache's regime."""
     rng = np.random.default_rng(5)

@@ -1,10 +1,12 @@
 """Cached activations are the model's residual stream after block L = hidden_states[L + 1]."""
 import numpy as np
+import pytest
 import torch
 
 from fast_sae.actcache import ActivationCache
 
 
+@pytest.mark.slow
 def test_cache_equals_output_hidden_states(fast_cache, embedded_model):
     model, _ = embedded_model
     c = ActivationCache.open(fast_cache)

@@ -1,4 +1,6 @@
+
 import numpy as np
+import pytest
 import torch
 
 from fast_sae.harvest.batching import plan_batches
@@ -18,6 +20,7 @@ def test_plan_covers_the_stream_contiguously():
         assert len(b.rows) * max(r[-1][1] - r[0][0] for r in b.rows) <= 32 or len(b.rows) == 1
 
 
+@pytest.mark.slow
 def test_packed_batch_equals_each_sequence_alone(embedded_model):
     model, tok = embedded_model
     rng = np.random.default_rng(0)

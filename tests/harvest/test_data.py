@@ -13,6 +13,7 @@ from fast_sae.harvest.data import (
 )
 
 
+@pytest.mark.slow
 def test_embedded_data_is_real_and_multi_turn():
     convs = list(iter_conversations(DataSource(EMBEDDED_CHAT)))
     assert len(convs) > 1000
@@ -33,6 +34,7 @@ def test_conversation_formats(row, expected):
     assert [(m["role"], m["content"]) for m in row_to_messages(row, "r")] == expected
 
 
+@pytest.mark.slow
 def test_local_files_through_datasets(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
             for i in range(3)]
@@ -52,6 +54,7 @@ def test_bad_sharegpt_speaker():
         row_to_messages({"conversations": [{"from": "robot", "value": "x"}]}, "r")
 
 
+@pytest.mark.slow
 def test_a_plain_string_chatterbot_entry_is_one_turn_not_one_per_character():
     convs = list(iter_conversations(DataSource(EMBEDDED_CHAT)))
     bingo = [c for c in convs if c[0]["content"].startswith("In a game of bingo")]

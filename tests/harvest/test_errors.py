@@ -2,6 +2,8 @@
 import json
 import shutil
 
+import pytest
+
 from fast_sae.lm import embedded_model_dir
 from tests.helpers import run_cli
 
@@ -16,12 +18,14 @@ def _error_line(proc) -> str:
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_unknown_layer(tmp_path):
     line = _error_line(run_cli("harvest", "--out", str(tmp_path / "c"), "--layers", "99", check=False))
     assert "layer 99" in line and "0..29" in line
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_reopening_with_other_arguments_keeps_the_cache(tmp_path):
     out = tmp_path / "c"
     run_cli("harvest", "--out", str(out), *SMALL)
@@ -31,6 +35,7 @@ def test_reopening_with_other_arguments_keeps_the_cache(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_corrupt_caches_are_detected(tmp_path):
     out = tmp_path / "c"
     run_cli("harvest", "--out", str(out), *SMALL)
@@ -45,6 +50,7 @@ def test_corrupt_caches_are_detected(tmp_path):
     assert "no such cache folder" in line
 
 
+@pytest.mark.slow
 def test_malformed_dataset_rows(tmp_path):
     data = tmp_path / "chats.jsonl"
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
@@ -57,6 +63,7 @@ def test_malformed_dataset_rows(tmp_path):
     assert "no conversation found" in line
 
 
+@pytest.mark.slow
 def test_model_without_chat_template(tmp_path):
     src = embedded_model_dir()
     folder = tmp_path / "no-template-model"

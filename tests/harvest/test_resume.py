@@ -25,6 +25,7 @@ def _committed(path: Path) -> int:
     return 256 * len(list(folder.glob("*.json"))) if folder.is_dir() else 0
 
 
+@pytest.mark.slow
 def test_resume_after_kill_is_byte_identical(tmp_path):
     ref = tmp_path / "ref"
     run_cli("harvest", "--out", str(ref), *ARGS)

@@ -28,6 +28,7 @@ def test_fast_never_crosses_a_sample_boundary(fast_cache):
     assert c.meta.regime == "fast" and c.meta.chat_template_hash
 
 
+@pytest.mark.slow
 def test_bt_f_blocks_cross_samples(btf_cache):
     c = ActivationCache.open(btf_cache)
     starts, docs = c.seq_starts(), c.doc_ids()
@@ -37,6 +38,7 @@ def test_bt_f_blocks_cross_samples(btf_cache):
     assert (c.roles() == Role.SPECIAL).any()
 
 
+@pytest.mark.slow
 def test_bt_p_is_plain_text_blocks(btp_cache):
     c = ActivationCache.open(btp_cache)
     assert set(np.diff(c.seq_starts())) == {c.meta.context_size}

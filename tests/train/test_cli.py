@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from fast_sae.actcache import ActivationCache
@@ -104,6 +105,7 @@ def test_yaml_config_with_command_line_override(small_cache, tmp_path):
     assert "L7_topk_x2_k8" in result.output  # the end-of-run table
 
 
+@pytest.mark.slow
 def test_real_cache_every_architecture_reduces_mse(fast_cache, tmp_path):
     result = _invoke([fast_cache, "--out", tmp_path / "run", "--layers", "5", "--architectures",
                       "standard,jumprelu,topk,batchtopk", "--expansion-factors", "1", "--tokens", "12800",
@@ -120,6 +122,7 @@ def test_real_cache_every_architecture_reduces_mse(fast_cache, tmp_path):
         assert final["held_out"]
 
 
+@pytest.mark.slow
 def test_pipeline_train_subprocess(fast_cache, tmp_path):
     cfg = tmp_path / "grid.toml"
     cfg.write_text('[train]\ntokens = 2560\nbatch_tokens = 128\nbuffer_tokens = 1024\neval_sequences = 2\n'

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -32,6 +33,7 @@ def test_partition_keeps_layers_together_and_balances():
     assert halves[0] and halves[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(small_cache, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "-c", RUNNER, str(small_cache), "--out", str(tmp_path / "one"), *ARGS],

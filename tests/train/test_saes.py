@@ -20,6 +20,7 @@ def mean_max_cosine(dictionary: np.ndarray, w_dec: np.ndarray) -> float:
     return float((dictionary @ w.T).max(axis=1).mean())
 
 
+@pytest.mark.slow
 def test_every_architecture_recovers_a_synthetic_dictionary(synthetic_cache, tmp_path):
     cache, dictionary = synthetic_cache
     cfg = TrainConfig(tokens=256_000, batch_tokens=256, lr=3e-3, lr_end=3e-4, eval_sequences=20, buffer_tokens=8192,

@@ -46,6 +46,7 @@ def _run(cache, out, cfg, grid, stop=None):
 SPARSITY = {"l1_coefficients": [0.5, 2.0], "l0_coefficients": [0.1, 0.3], "k": [3, 6]}
 
 
+@pytest.mark.slow
 def test_grid_gives_the_same_weights_as_each_sae_alone(small_cache, tmp_path):
     cfg = _cfg()
     grid = GridConfig(layers=[3, 7], architectures=["standard", "jumprelu", "topk", "batchtopk"],
@@ -58,6 +59,7 @@ def test_grid_gives_the_same_weights_as_each_sae_alone(small_cache, tmp_path):
         _assert_same_weights(tmp_path / "grid" / name, tmp_path / f"alone_{arch}" / name)
 
 
+@pytest.mark.slow
 def test_outputs_metrics_and_config(small_cache, tmp_path):
     cfg = _cfg(order="random")
     grid = GridConfig(layers=[3], architectures=["standard", "topk"], expansion_factors=[2],
@@ -87,6 +89,7 @@ def test_outputs_metrics_and_config(small_cache, tmp_path):
     assert again.status == "already finished"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", ["mixing", "sequential"])
 def test_stop_and_resume_is_bit_exact(small_cache, tmp_path, order):
     cfg = _cfg(order=order, checkpoint_every=7)
@@ -105,6 +108,7 @@ def test_stop_and_resume_is_bit_exact(small_cache, tmp_path, order):
     assert (tmp_path / "straight" / "metrics.jsonl").read_text() == (tmp_path / "resumed" / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_identical_weights(small_cache, tmp_path):
     """A real subprocess killed with SIGKILL mid-run, then the same command again."""
     args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "

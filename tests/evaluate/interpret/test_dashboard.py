@@ -5,6 +5,7 @@ import base64
 import re
 
 import numpy as np
+import pytest
 
 from fast_sae.evaluate.interpret.dashboard import write_dashboard
 
@@ -16,6 +17,7 @@ REPORTS = [
 ]
 
 
+@pytest.mark.slow
 def test_dashboard_written_self_contained_and_escaped(tmp_path):
     judged = [{"feature": 3, "score": 4, "name": "tags <b>"},
               {"feature": 11, "score": None, "reason": "malformed reply"}]

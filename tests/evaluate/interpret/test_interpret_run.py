@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fast_sae.evaluate.interpret import JudgeConfig, run_interpretability
 from fast_sae.evaluate.interpret.judge import score_features
 from fast_sae.evaluate.interpret.judge_backends import LocalBackend
@@ -13,6 +15,7 @@ def verdict(score: int, name: str) -> str:
     return f"Reasoning...\nMy final verdict score is: [[{score}]], feature name is [[{name}]]"
 
 
+@pytest.mark.slow
 def test_run_interpretability_with_http_judge_and_rerun_from_cache(synthetic, chat_server, tmp_path):
     sae, cache, _, _ = synthetic
     server = chat_server([verdict(5, "a"), verdict(2, "b"), "I cannot tell.", verdict(4, "d")])
@@ -44,6 +47,7 @@ def test_run_interpretability_with_http_judge_and_rerun_from_cache(synthetic, ch
     assert allf["n_features_sampled"] == allf["n_live"] and set(summary["features"]) <= set(allf["features"])
 
 
+@pytest.mark.slow
 def test_local_backend_judges_with_the_embedded_model(embedded_model):
     model, tok = embedded_model
     backend = LocalBackend(EMBEDDED_MODEL, max_new_tokens=8, model=model, tokenizer=tok)
@@ -57,6 +61,7 @@ def test_local_backend_judges_with_the_embedded_model(embedded_model):
     assert backend.calls == 2 + rec["attempts"] and len(rec["replies"]) == rec["attempts"]
 
 
+@pytest.mark.slow
 def test_run_interpretability_local_judge_default_model(synthetic, embedded_model, tmp_path):
     sae, cache, _, _ = synthetic
     judge = JudgeConfig(max_new_tokens=6, retries=0)  # defaults: local backend, the embedded model
@@ -68,6 +73,7 @@ def test_run_interpretability_local_judge_default_model(synthetic, embedded_mode
     assert all((r["score"] is None) != (r["reason"] is None) for r in recs)
 
 
+@pytest.mark.slow
 def test_local_constrained_answer_form_picks_the_most_likely_choice(embedded_model):
     import torch
 
@@ -95,6 +101,7 @@ def test_local_constrained_answer_form_picks_the_most_likely_choice(embedded_mod
     assert 1 <= v.score <= 5 and v.name.upper() not in ("NAME", "S")
 
 
+@pytest.mark.slow
 def test_dead_sae_and_wrong_layer_are_handled(synthetic, tmp_path):
     import pytest
     import torch

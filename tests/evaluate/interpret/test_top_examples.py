@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fast_sae.actcache import ActivationCache
@@ -28,6 +29,7 @@ def brute_force(feats: np.ndarray, starts: np.ndarray, top_n: int):
     return out
 
 
+@pytest.mark.slow
 def test_top_examples_match_brute_force(synthetic):
     sae_dir, cache_path, acts, starts = synthetic
     sae, cache = load_sae(sae_dir), ActivationCache.open(cache_path)
@@ -45,6 +47,7 @@ def test_top_examples_match_brute_force(synthetic):
             assert len(set(s for _, _, s in got)) == len(got)  # one context per sequence
 
 
+@pytest.mark.slow
 def test_density_max_mean_on_known_values(tmp_path):
     # identity-encoder SAE: feature k activation = relu(x_k); known, hand-checkable values
     d = 4
@@ -80,6 +83,7 @@ def test_density_max_mean_on_known_values(tmp_path):
     assert (ctx2["token_index"], ctx2["peak"], ctx2["acts"]) == (7, 1, [0.0, 2.0, 0.0])
 
 
+@pytest.mark.slow
 def test_contexts_render_tokens_and_window_acts(synthetic):
     sae_dir, cache_path, acts, starts = synthetic
     sae, cache = load_sae(sae_dir), ActivationCache.open(cache_path)
@@ -98,6 +102,7 @@ def test_contexts_render_tokens_and_window_acts(synthetic):
         assert starts[seq] <= lo and lo + len(ctx["tokens"]) <= starts[seq + 1]
 
 
+@pytest.mark.slow
 def test_top_examples_on_a_real_fast_cache(fast_cache, tmp_path):
     """The same exactness on activations harvested from the embedded model (layer 5, several chunk files)."""
     from tests.evaluate.interpret.conftest import make_sae
