@@ -279,7 +279,8 @@ def test_cli_option_reaches_the_run(small_cache, tmp_path):
 
 
 def test_auxk_is_normalised_by_the_batch_variance_of_the_residual():
-    """Gao et al.'s AuxK: alpha * MSE(e_hat, e) / MSE(batch mean of e, e), per SAE of the stack."""
+    """Gao et al.'s AuxK, alpha * MSE(e_hat, e) / MSE(batch mean of e, e), per SAE of the stack, times
+    x's batch variance (the normaliser of their main loss, which ours does not divide by)."""
     from types import SimpleNamespace
 
     from fast_sae.train.saes.sparse_group import auxk_term
@@ -291,11 +292,12 @@ def test_auxk_is_normalised_by_the_batch_variance_of_the_residual():
     mean_e = e.mean(1, keepdim=True).expand_as(e)
     group = SimpleNamespace(cfg=SimpleNamespace(aux_k_coefficient=0.5))
     has_dead = torch.tensor([True, True, False])
-    for scale in (1.0, 1000.0):  # scale-free
+    x_var = float((x - x.mean(0)).pow(2).sum(-1).mean())
+    for scale in (1.0, 1000.0):  # relative to the main loss, scale-free
         e_hat = torch.stack([mean_e[0], e[1], mean_e[2] + 1]) * scale
-        out = auxk_term(group, e_hat, x * scale, recon * scale, has_dead)
+        out = auxk_term(group, e_hat, x * scale, recon * scale, has_dead) / (x_var * scale ** 2)
         # the batch mean scores 1, a perfect fit 0, an SAE without dead latents 0
         assert out.tolist() == pytest.approx([0.5, 0.0, 0.0], abs=1e-6)
     e_hat = torch.zeros_like(e)
-    expected = 0.5 * e[0].pow(2).mean() / (e[0] - e[0].mean(0)).pow(2).mean()
+    expected = 0.5 * e[0].pow(2).mean() / (e[0] - e[0].mean(0)).pow(2).mean() * x_var
     assert float(auxk_term(group, e_hat, x, recon, has_dead)[0]) == pytest.approx(float(expected), rel=1e-6)

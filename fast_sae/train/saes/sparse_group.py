@@ -53,17 +53,20 @@ def release_workspaces() -> None:
 
 def auxk_term(group: SAEGroup, e_hat: torch.Tensor, x: torch.Tensor, recon: torch.Tensor,
               has_dead: torch.Tensor) -> torch.Tensor:
-    """AuxK per SAE, normalised as Gao et al. do: alpha * MSE(e_hat, e) / MSE(mean_batch(e), e), with
+    """AuxK per SAE with Gao et al.'s normalisation, on the scale of this project's main loss:
+    alpha * [MSE(e_hat, e) / MSE(mean_batch(e), e)] * mean_batch ||x - mean_batch(x)||^2, with
     e = x - x_hat detached; 0 without dead latents.
 
-    Why normalised: the raw ||e - e_hat||^2 shrinks with the main loss, so a fixed alpha would push
-    dead latents hard early and barely late, and its size would depend on the activation scale; over
-    the batch variance of e it is scale-free (1 for e_hat = the batch mean of e, 0 for a perfect fit).
+    Why: Gao et al. divide both their losses by the batch variance of the target (the main loss by
+    x's, AuxK by e's), so AuxK's pull does not fade as the residual e shrinks and alpha = 1/32 is
+    scale-free. Our main loss is the unnormalised ||x - x_hat||^2; multiplying their normalised
+    AuxK by x's batch variance keeps exactly their ratio between the two terms.
     """
     e = (x.unsqueeze(0) - recon).detach()
     num = (e_hat - e).pow(2).mean((-2, -1))
     den = (e - e.mean(-2, keepdim=True)).pow(2).mean((-2, -1))
-    per_sae = torch.nan_to_num(num / den.clamp_min(torch.finfo(den.dtype).tiny))
+    x_var = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+    per_sae = torch.nan_to_num(num / den.clamp_min(torch.finfo(den.dtype).tiny)) * x_var
     return group.cfg.aux_k_coefficient * per_sae * has_dead.to(per_sae.dtype)
 
 
