@@ -2,13 +2,12 @@
 
 Why memory maps: training reads tens of GB sequentially many times; an uncompressed chunk file of a
 local cache is a plain little-endian C-order array (zarr writes full-size edge chunks too), so a
-chunk can be mapped with ``np.memmap`` and handed to torch without a copy or a decode. Remote and
+chunk can be memory-mapped (mapping.py) and handed to torch without a copy or a decode. Remote and
 compressed chunks are fetched whole (with read-ahead, prefetch.py), checked against the checksum
 recorded at commit, and decoded. Every activation that leaves this module has been checked finite.
 """
 from __future__ import annotations
 
-import mmap
 import tempfile
 import threading
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from . import layout
 from .commits import committed_indices, read_records
 from .integrity import check_finite, checksum, checksum_int, decode_chunk
 from .layout import CacheError, CacheMeta
+from .mapping import map_chunk_file
 from .prefetch import ReadAhead
 from .store import LocalStore, RemotePath, Store, open_store
 from .validate import validate_arrays, validate_seq_starts
@@ -255,16 +255,8 @@ class ActivationCache:
             if arr is not None:
                 self._mapped.move_to_end(key)
                 return arr
-        f = Path(str(self.chunk_file(layer, index)))
-        size = f.stat().st_size if f.is_file() else -1
-        if size != self.chunk_bytes():
-            what = "missing" if size < 0 else f"{size} bytes, expected {self.chunk_bytes()}"
-            raise CacheError(f"{f}: chunk file {what}; the cache is truncated or corrupt")
-        with open(f, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ)
-        arr = np.frombuffer(mm, dtype=np.dtype(self.meta.dtype).newbyteorder("<"))
-        arr = arr.reshape(self.meta.chunk_tokens, self.meta.d_model)
+        arr = map_chunk_file(Path(str(self.chunk_file(layer, index))), self.chunk_bytes(),
+                             np.dtype(self.meta.dtype).newbyteorder("<"), (self.meta.chunk_tokens, self.meta.d_model))
         with self._verify_lock:
             self._mapped[key] = arr
             while len(self._mapped) > 16:
