@@ -41,7 +41,6 @@ def test_zstd_cache_reads_the_same(tmp_path):
         c.memmap_chunk(4, 0)
 
 
-@pytest.mark.slow
 def test_refusals(tmp_path):
     write_cache_from_arrays(tmp_path / "c", _acts(), chunk_tokens=256)
     c = ActivationCache.open(tmp_path / "c")
@@ -61,7 +60,6 @@ def test_refusals(tmp_path):
         ActivationCache.open(tmp_path / "d")
 
 
-@pytest.mark.slow
 def test_all_zero_chunks_are_still_written(tmp_path):
     acts = {1: np.zeros((600, 8), np.float32)}
     write_cache_from_arrays(tmp_path / "c", acts, chunk_tokens=256)

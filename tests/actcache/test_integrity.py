@@ -81,7 +81,6 @@ def test_zstd_frames_carry_their_content_checksum(tmp_path):
     assert raw[4] & 0x04  # frame header descriptor: content checksum flag
 
 
-@pytest.mark.slow
 def test_non_finite_activations_are_refused_at_write_and_at_read(tmp_path):
     acts = _acts()
     acts[1][700, 3] = np.nan
@@ -107,7 +106,6 @@ def _edit_attrs(path: Path, **changes) -> None:
     (path / "zarr.json").write_text(json.dumps(doc))
 
 
-@pytest.mark.slow
 def test_attributes_are_validated_against_the_arrays(tmp_path):
     path = _cache(tmp_path)
     _edit_attrs(path, n_tokens=5000)
@@ -130,7 +128,6 @@ def test_attributes_are_validated_against_the_arrays(tmp_path):
     ActivationCache.open(path)
 
 
-@pytest.mark.slow
 def test_non_monotonic_sequence_starts_are_refused(tmp_path):
     acts = _acts()
     path = write_cache_from_arrays(tmp_path / "c", acts, seq_starts=[0, 1000, 2965, 3000], chunk_tokens=512)
@@ -175,7 +172,6 @@ def test_stale_creating_folders_of_dead_processes_are_removed(tmp_path):
         alive.wait()
 
 
-@pytest.mark.slow
 def test_version_1_caches_are_still_read(tmp_path):
     path = _cache(tmp_path)
     for sub in ("commits", "index", "stats/chunk_sum_layer_1", "stats/chunk_sum_layer_4", "stats/norm_layer_1",

@@ -100,7 +100,6 @@ def test_off_by_one_cache_is_flagged(tmp_path, embedded_model):
     assert out["id"].to_dict()["cache_match_rel_err"] > 0.05
 
 
-@pytest.mark.slow
 def test_downstream_sequences_respects_caps(tmp_path):
     x = np.ones((30, 2), np.float32)  # note: all-zero chunks are not written by the cache writer (see report)
     cache = ActivationCache.open(make_cache(tmp_path / "c", {0: x}, [1, 10, 10, 9]))

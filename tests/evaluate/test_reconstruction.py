@@ -23,7 +23,6 @@ def _run(cache_path, sae_path, layer=0, cfg=CFG, verify=True):
     return evaluate_reconstruction({"s": entries[0].sae}, cache, layer, sel, cfg)["s"]
 
 
-@pytest.mark.slow
 def test_eq7_macro_average_over_unequal_sequences(tmp_path):
     # Sequence A: one token [2, 0] (sq. error 4 with a zero reconstruction).
     # Sequence B: [1, 0], [0, 1], [1, 1] (errors 1, 1, 2; mean 4/3).
@@ -41,7 +40,6 @@ def test_eq7_macro_average_over_unequal_sequences(tmp_path):
     assert all_["explained_variance"] == pytest.approx(1 - 8 / 3)
 
 
-@pytest.mark.slow
 def test_identity_sae_is_exact(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 4)).astype(np.float32) * 3
@@ -51,7 +49,6 @@ def test_identity_sae_is_exact(tmp_path):
     assert res.subsets["all"]["explained_variance"] == pytest.approx(1.0)
 
 
-@pytest.mark.slow
 def test_against_numpy_reference_with_roles(tmp_path):
     rng = np.random.default_rng(1)
     lengths = [3, 9, 1, 6, 5]
@@ -98,7 +95,6 @@ def test_against_numpy_reference_with_roles(tmp_path):
     assert res.dense_fraction == pytest.approx((freq > 0.1).mean())
 
 
-@pytest.mark.slow
 def test_several_saes_share_one_pass_and_stay_independent(tmp_path):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(12, 3)).astype(np.float32)

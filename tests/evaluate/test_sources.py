@@ -43,7 +43,6 @@ def test_discovery_run_folder_and_errors(tmp_path):
     assert names == ["run/a", "b", "run2/a"]  # same folder names in two runs stay distinguishable
 
 
-@pytest.mark.slow
 def test_mismatches_are_refused(tmp_path, cache):
     wrong_layer = load_entries([save_identity_sae(tmp_path / "l", 3, 7)])[0]
     with pytest.raises(EvalError, match=r"l/cfg.json: hook_layer 7 not in cache .*'blocks.7.hook_resid_post'"):

@@ -85,7 +85,6 @@ def _train(cache, out, **kw):
     return cfgs, metrics
 
 
-@pytest.mark.slow
 def test_shared_normalisation_is_applied_identically_to_every_regime(tmp_path):
     """Three caches of different scale (like FAST, BT(F), BT(P)) trained with --normalize-from one of them."""
     caches = {regime: _chat_like(tmp_path / regime, content_scale=scale, seed=i)[0].path

@@ -155,7 +155,6 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-@pytest.mark.slow
 def test_leftovers_of_killed_writers_and_a_stale_latest_are_cleaned(small_cache, tmp_path):
     run = tmp_path / "run"
     _run(small_cache, run, stop=20)

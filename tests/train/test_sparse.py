@@ -163,7 +163,6 @@ def test_auto_path_follows_the_density_and_can_be_forced():
         TrainConfig(decoder_path="fast").validate()
 
 
-@pytest.mark.slow
 def test_grid_equals_each_sae_alone_on_the_sparse_path(small_cache, tmp_path):
     """Bit-exact, as for the dense path (tests/train/test_trainer.py): a stack with different k."""
     cfg = TrainConfig(tokens=4000, batch_tokens=100, lr=1e-3, lr_end=1e-4, eval_sequences=10, buffer_tokens=1000,

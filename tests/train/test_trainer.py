@@ -59,7 +59,6 @@ def test_grid_gives_the_same_weights_as_each_sae_alone(small_cache, tmp_path):
         _assert_same_weights(tmp_path / "grid" / name, tmp_path / f"alone_{arch}" / name)
 
 
-@pytest.mark.slow
 def test_outputs_metrics_and_config(small_cache, tmp_path):
     cfg = _cfg(order="random")
     grid = GridConfig(layers=[3], architectures=["standard", "topk"], expansion_factors=[2],

@@ -67,7 +67,6 @@ def test_a_trickled_reply_is_cut_at_the_total_deadline(raw_server):
         assert time.monotonic() - t0 < 4.5
 
 
-@pytest.mark.slow
 def test_a_200_mb_reply_is_refused_without_reading_it(raw_server):
     size = 200 * 2**20
     block = b" " * 2**20

@@ -47,7 +47,6 @@ def test_top_examples_match_brute_force(synthetic):
             assert len(set(s for _, _, s in got)) == len(got)  # one context per sequence
 
 
-@pytest.mark.slow
 def test_density_max_mean_on_known_values(tmp_path):
     # identity-encoder SAE: feature k activation = relu(x_k); known, hand-checkable values
     d = 4
