@@ -39,7 +39,33 @@ def origin(url: str) -> tuple[str, str, int]:
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
          max_bytes: int) -> tuple[int, bytes]:
-    """POST ``body``; (status, reply body) of the final response, within ``timeout_s`` in total."""
+    """POST ``body``; (status, reply body) of the final response, within ``timeout_s`` in total.
+
+    The call runs on a daemon thread while the calling thread waits in short slices. Why: a
+    Ctrl-C may be delivered by the OS to any thread of the process; a main thread blocked in a
+    socket read would only see it when the read returns (up to the whole deadline later), while a
+    thread waking every 0.2 s raises KeyboardInterrupt at once (and the daemon thread dies with
+    the process)."""
+    result: list[tuple[int, bytes]] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(_post(url, body, headers, timeout_s, max_bytes))
+        except BaseException as exc:  # handed to the caller's thread
+            error.append(exc)
+
+    worker = threading.Thread(target=run, name="judge-http", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout_s: float,
+          max_bytes: int) -> tuple[int, bytes]:
     deadline = time.monotonic() + timeout_s
     try:
         for _ in range(MAX_REDIRECTS + 1):
