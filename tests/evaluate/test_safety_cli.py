@@ -32,7 +32,10 @@ def _evaluate(*args, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
     cmd = [sys.executable, "pipeline.py", "evaluate", *map(str, args)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kw.get("background"):
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        # SIGINT back to its default in the child: a suite started as a background job (`... &`)
+        # inherits SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
