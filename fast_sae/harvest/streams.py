@@ -87,12 +87,11 @@ def _stderr(line: str) -> None:
 
 def chat_pieces(conversations: Iterable[list[dict[str, str]]], tokenizer: Any, info: TemplateInfo,
                 fingerprint: Fingerprint, system_prompt: str | None = None, policy: RenderPolicy | None = None,
-                warn: Callable[[str], None] = _stderr, selection: DocSelection | None = None) -> Iterator[Piece]:
+                warn: Callable[[str], None] = _stderr, selection: DocSelection = ALL_DOCS) -> Iterator[Piece]:
     """Rendered conversations; the first use of each unknown role and of special-token text in content
     is reported through ``warn`` (what the policy did with it), and a refusal names the conversation.
     Only the documents ``selection`` keeps are rendered and fingerprinted."""
     policy = policy or RenderPolicy()
-    selection = selection or ALL_DOCS
     seen: set[str] = set()
     escaped_reported = False
     for doc_id, messages in enumerate(conversations):

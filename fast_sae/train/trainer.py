@@ -321,7 +321,7 @@ class Trainer:
         last_train = self._last_train_metrics() if d.main else {}
         for g in groups.values():
             for i, spec in enumerate(g.specs):
-                cfg_json = self.sae_cfg(spec, g, scales[spec.layer])
+                cfg_json = self.sae_cfg(spec, g)
                 save_group(self.run_dir / spec.name, g, i, scales[spec.layer], cfg_json)
         gathered = d.gather(rows)
         result_rows: list[dict[str, Any]] = []
@@ -354,7 +354,7 @@ class Trainer:
                 eval_doc_ids=id_ranges(doc_ids[split.train_tokens:]))
         return self._data_record
 
-    def sae_cfg(self, spec: SAESpec, group: SAEGroup, scale: float) -> CheckpointConfig:
+    def sae_cfg(self, spec: SAESpec, group: SAEGroup) -> CheckpointConfig:
         """The checkpoint's configuration: what the SAE is, what it was trained on and how."""
         m, cfg = self.cache.meta, self.cfg
         return CheckpointConfig(

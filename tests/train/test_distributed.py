@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +9,11 @@ from safetensors.torch import load_file
 
 from fast_sae.train.config import SAESpec
 from fast_sae.train.distributed import partition
+from tests.helpers import run_train
 
-ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--layers", "3,7", "--architectures", "standard,topk", "--expansion-factors", "2", "--tokens", "4000",
         "--batch-tokens", "100", "--buffer-tokens", "1000", "--eval-sequences", "10", "--log-every", "10",
         "--k", "4", "--no-progress"]
-RUNNER = ("import sys, torch; torch.set_num_threads(1); from fast_sae.train.cli import train_cmd; "
-          "train_cmd(sys.argv[1:])")
 
 
 def test_partition_keeps_layers_together_and_balances():
@@ -35,16 +29,8 @@ def test_partition_keeps_layers_together_and_balances():
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(small_cache, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-c", RUNNER, str(small_cache), "--out", str(tmp_path / "one"), *ARGS],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    script = tmp_path / "run_train.py"
-    script.write_text(RUNNER.replace("; ", "\n"))
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(script), str(small_cache), "--out", str(tmp_path / "two"), *ARGS],
-                           env=env, capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    run_train(str(small_cache), "--out", str(tmp_path / "one"), *ARGS, timeout=300)
+    multi = run_train(str(small_cache), "--out", str(tmp_path / "two"), *ARGS, nproc=2, workdir=tmp_path, timeout=300)
     assert "[rank 0] 2 SAEs on layers [3]" in multi.stdout and "[rank 1] 2 SAEs on layers [7]" in multi.stdout
     for name in ("L3_standard_x2_l1_5", "L3_topk_x2_k4", "L7_standard_x2_l1_5", "L7_topk_x2_k4"):
         a = load_file(str(tmp_path / "one" / name / "sae_weights.safetensors"))

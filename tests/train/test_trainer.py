@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,8 +15,7 @@ from safetensors.torch import load_file
 from fast_sae.saeio import load_sae
 from fast_sae.train.config import SPARSITY_FIELD, GridConfig, TrainConfig
 from fast_sae.train.trainer import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import TRAIN_RUNNER, train_env
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -110,13 +108,11 @@ def test_stop_and_resume_is_bit_exact(small_cache, tmp_path, order):
 @pytest.mark.slow
 def test_killed_process_resumes_to_identical_weights(small_cache, tmp_path):
     """A real subprocess killed with SIGKILL mid-run, then the same command again."""
-    args = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1); "
-            "from fast_sae.train.cli import train_cmd; "
-            "train_cmd(sys.argv[1:])", str(small_cache), "--layers", "3", "--architectures", "standard,topk",
+    args = [sys.executable, "-c", TRAIN_RUNNER, str(small_cache), "--layers", "3", "--architectures", "standard,topk",
             "--expansion-factors", "4", "--tokens", "60000", "--batch-tokens", "100", "--buffer-tokens", "1000",
             "--eval-sequences", "10", "--checkpoint-every", "15", "--log-every", "50", "--lr", "1e-3",
             "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = train_env()
     straight = subprocess.run([*args, "--out", str(tmp_path / "a")], env=env, capture_output=True, text=True,
                               timeout=300)
     assert straight.returncode == 0, straight.stderr
