@@ -128,6 +128,15 @@ class CacheMeta:
     def to_attrs(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def document_set(self) -> dict[str, Any]:
+        """Which samples of ``dataset`` the cache holds, as harvest recorded them: the split and config,
+        and ``docs`` (``all``, the seeded held-out share ``holdout``, or the rest ``train``) with the
+        share and seed. Doc ids of caches that agree on dataset, split and config name the same samples."""
+        args = self.harvest_args or {}
+        return {"dataset_split": args.get("dataset_split"), "dataset_config": args.get("dataset_config"),
+                "docs": args.get("docs", "all"), "holdout_fraction": args.get("holdout_fraction"),
+                "holdout_seed": args.get("holdout_seed")}
+
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> CacheMeta:
         names = {f.name for f in dataclasses.fields(cls)}

@@ -58,10 +58,10 @@ def training_facts(entry: SAEEntry) -> TrainingFacts:
 
 def cache_dataset(cache: ActivationCache) -> dict[str, Any]:
     """The dataset identity of a cache, in the shape ``TrainingFacts.dataset`` has."""
-    args = cache.meta.harvest_args or {}
-    return {"name": cache.meta.dataset, "split": args.get("dataset_split"), "config": args.get("dataset_config"),
-            "fingerprint": cache.meta.dataset_fingerprint, "docs": args.get("docs", "all"),
-            "holdout_fraction": args.get("holdout_fraction"), "holdout_seed": args.get("holdout_seed")}
+    docs = cache.meta.document_set()
+    return {"name": cache.meta.dataset, "split": docs["dataset_split"], "config": docs["dataset_config"],
+            "fingerprint": cache.meta.dataset_fingerprint, "docs": docs["docs"],
+            "holdout_fraction": docs["holdout_fraction"], "holdout_seed": docs["holdout_seed"]}
 
 
 def same_dataset(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -32,13 +32,10 @@ def save_group(folder: Path, group: SAEGroup, index: int, scale: float, cfg: Che
 def cache_record(cache: ActivationCache) -> CacheIdentity:
     """What identifies the training cache (evaluation uses it to recognise the cache again)."""
     m = cache.meta
-    args = m.harvest_args or {}
     return CacheIdentity(path=str(cache.path.resolve()), model=m.model_id, regime=m.regime, n_tokens=m.n_tokens,
                          n_sequences=m.n_sequences, context_size=m.context_size, dataset=m.dataset,
                          dataset_fingerprint=m.dataset_fingerprint, chat_template_hash=m.chat_template_hash,
-                         dataset_split=args.get("dataset_split"), dataset_config=args.get("dataset_config"),
-                         docs=args.get("docs", "all"), holdout_fraction=args.get("holdout_fraction"),
-                         holdout_seed=args.get("holdout_seed"))
+                         **m.document_set())
 
 
 def run_record(spec: SAESpec, cfg: TrainConfig, total_steps: int, d_in: int, train_tokens: int) -> TrainingRun:

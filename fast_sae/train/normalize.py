@@ -88,7 +88,7 @@ def normalization_source(path: str, train_cache: ActivationCache, train_range: t
     missing = [layer for layer in layers if layer not in source.meta.layers]
     if missing:
         raise CacheError(f"--normalize-from {path}: layer {missing[0]} not in that cache (layers {source.meta.layers})")
-    if (source.meta.harvest_args or {}).get("docs") == "holdout":
+    if source.meta.document_set()["docs"] == "holdout":
         raise CacheError(f"--normalize-from {path}: a held-out evaluation cache (--docs holdout); the constant must "
                          f"come from training tokens: pass a training cache")
     return source, (0, source.n_tokens)
