@@ -38,6 +38,7 @@ from fast_sae.saeio import LoadedSAE
 
 from .errors import EvalError
 from .sources import EvalSelection
+from .token_filters import TokenFilters
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
@@ -176,18 +177,21 @@ class _FilterSums:
     n_sequences: int = 0
 
 
-def _filter_masks(length: int, prefix_length: int) -> dict[str, torch.Tensor]:
-    pos = torch.arange(length)
-    return {"all_tokens": torch.ones(length, dtype=torch.bool), "no_pos0": pos >= 1,
-            "no_prefix": pos >= max(prefix_length, 1)}
+def _filter_masks(a: int, b: int, filters: TokenFilters | None) -> dict[str, torch.Tensor]:
+    """The token filters' masks over the sequence [a, b) (token_filters.py); without ``filters`` only
+    position 0 is removed."""
+    if filters is None:
+        pos = torch.arange(b - a)
+        return {"all_tokens": torch.ones(b - a, dtype=torch.bool), "no_pos0": pos >= 1, "no_prefix": pos >= 1}
+    return {k: torch.from_numpy(v) for k, v in filters.keep_range(a, b).items()}
 
 
 @torch.no_grad()
 def evaluate_downstream(model: Any, saes: dict[str, tuple[LoadedSAE, int]], cache: ActivationCache,
                         selection: EvalSelection, cfg: DownstreamConfig | None = None,
-                        prefix_length: int = 0) -> dict[str, DownstreamResult]:
+                        filters: TokenFilters | None = None) -> dict[str, DownstreamResult]:
     """Clean, spliced and zero-ablated LM loss of every SAE (``name -> (sae, layer)``) on the cache's tokens,
-    on every token filter (``prefix_length``: the eval sequences' shared token prefix)."""
+    on every token filter (``filters``: token_filters.TokenFilters of the eval selection)."""
     cfg = cfg or DownstreamConfig()
     ranges = downstream_sequences(selection, cfg)
     if not ranges:
@@ -209,7 +213,7 @@ def evaluate_downstream(model: Any, saes: dict[str, tuple[LoadedSAE, int]], cach
             got = captured[layer][0].float().cpu()
             rel = float((got - cached).norm(dim=-1).max() / cached.norm(dim=-1).max().clamp_min(1e-12))
             match_err[layer] = max(match_err[layer], rel)
-        for filt, keep in _filter_masks(b - a, prefix_length).items():
+        for filt, keep in _filter_masks(a, b, filters).items():
             if filt != "all_tokens" and not cfg.token_filters:
                 continue
             rows = keep[:-1].to(logp_clean.device)  # predictions made at kept positions

@@ -27,9 +27,10 @@ against a median of ~175 on the embedded model) and the tokens every eval sequen
 template's default system prompt) have the same activation in every sequence:
 - ``all_tokens`` (``subsets``): as is;
 - ``no_pos0`` (``subsets_no_pos0``): without position 0 of each sequence;
-- ``no_prefix`` (``subsets_no_prefix``, the headline): without the longest common token prefix of
-  the selected eval sequences, found from the token ids, and always without position 0 (a sink
-  whether or not its token is shared). With fewer than two sequences no prefix is "shared".
+- ``no_prefix`` (``subsets_no_prefix``, the headline ★): without the longest token prefix common to
+  the eval documents, at each document start (token_filters.py: in FAST the prefix every eval
+  sequence shares, in BT(F) blocks the template prefix of each conversation inside them), and
+  always without position 0 (a sink whether or not its token is shared).
 Per subset, ``n_norm_outliers`` counts tokens with ‖x‖ > 10× the median norm of all eval tokens.
 """
 from __future__ import annotations
@@ -47,9 +48,8 @@ from fast_sae.options import setting
 from fast_sae.saeio import LoadedSAE
 
 from .sources import EvalSelection
+from .token_filters import TOKEN_FILTERS, TokenFilters
 
-TOKEN_FILTERS = ("all_tokens", "no_pos0", "no_prefix")
-HEADLINE_FILTER = "no_prefix"
 FILTER_KEYS = {"all_tokens": "subsets", "no_pos0": "subsets_no_pos0", "no_prefix": "subsets_no_prefix"}
 OUTLIER_FACTOR = 10.0
 
@@ -183,7 +183,11 @@ class TokenView:
     seq_local: np.ndarray  # (n,) index of each token's sequence among the selected ones
     roles: np.ndarray  # (n,)
     keep: dict[str, np.ndarray]  # token filter -> (n,) bool
-    prefix_length: int  # the longest common token prefix of the selected sequences
+    filters: TokenFilters  # the rule (token_filters.py)
+
+    @property
+    def prefix_length(self) -> int:
+        return self.filters.prefix_length
 
     @classmethod
     def of(cls, cache: ActivationCache, selection: EvalSelection) -> TokenView:
@@ -193,34 +197,12 @@ class TokenView:
         local_of = np.full(len(starts) - 1, -1, dtype=np.int64)
         local_of[selection.sequences] = np.arange(len(selection.sequences))
         seq_global = np.searchsorted(starts, index, side="right") - 1
-        position = index - starts[seq_global]
-        prefix = shared_prefix_length(cache.token_ids(), starts, selection.sequences)
-        keep = {"all_tokens": np.ones(len(index), bool), "no_pos0": position != 0,
-                "no_prefix": position >= max(prefix, 1)}
-        return cls(seq_local=local_of[seq_global], roles=cache.roles()[index], keep=keep, prefix_length=prefix)
+        filters = TokenFilters.of(cache, selection)
+        return cls(seq_local=local_of[seq_global], roles=cache.roles()[index], keep=filters.keep(index),
+                   filters=filters)
 
     def describe(self) -> dict[str, Any]:
-        removed = {name: int((~m).sum()) for name, m in self.keep.items()}
-        return {"headline": HEADLINE_FILTER, "shared_prefix_length": self.prefix_length,
-                "filters": {"all_tokens": {"key": "subsets", "removed_tokens": removed["all_tokens"],
-                                           "what": "every eval token"},
-                            "no_pos0": {"key": "subsets_no_pos0", "removed_tokens": removed["no_pos0"],
-                                        "what": "without position 0 of each sequence (the attention sink)"},
-                            "no_prefix": {"key": "subsets_no_prefix", "removed_tokens": removed["no_prefix"],
-                                          "what": f"without the {self.prefix_length}-token prefix shared by every "
-                                                  f"eval sequence, and without position 0"}}}
-
-
-def shared_prefix_length(token_ids: np.ndarray, seq_starts: np.ndarray, sequences: np.ndarray) -> int:
-    """Length of the longest token prefix common to every selected sequence (0 with fewer than two)."""
-    if len(sequences) < 2:
-        return 0
-    begin = seq_starts[sequences]
-    shortest = int((seq_starts[sequences + 1] - begin).min())
-    k = 0
-    while k < shortest and np.all(token_ids[begin + k] == token_ids[begin[0] + k]):
-        k += 1
-    return k
+        return self.filters.describe({name: int((~m).sum()) for name, m in self.keep.items()})
 
 
 @dataclass

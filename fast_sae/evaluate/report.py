@@ -17,11 +17,12 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 HEADLINE = "subsets_no_prefix"  # reconstruction.<HEADLINE>.<subset>: the token filter the tables lead with
-HEADLINE_WHY = ("Headline (★): every token except position 0 and the token prefix that every eval sequence shares "
-                "(reconstruction.subsets_no_prefix). Why: position 0 is an attention sink whose norm (~25,000 "
-                "against a median of ~175 on the embedded model) makes it carry almost all of Σ‖x‖², and the "
-                "shared prefix (the template's default system prompt) has the same activation in every sequence, "
-                "training and held-out alike; metrics that include them measure a handful of fixed vectors. "
+HEADLINE_WHY = ("Headline (★): every token except position 0 of each sequence and the token prefix that every eval "
+                "document starts with, at each document start (reconstruction.subsets_no_prefix). Why: position 0 "
+                "is an attention sink whose norm (~25,000 against a median of ~175 on the embedded model) makes "
+                "it carry almost all of Σ‖x‖², and the shared prefix (the template's default system prompt) has "
+                "the same activation in every FAST sequence, training and held-out alike (in BT blocks it is "
+                "template, not data); metrics that include them measure a handful of fixed vectors. "
                 "The all-token figures stand beside them. Definitions: docs/metrics.md.")
 
 # (header, dotted path in a row, format) of the main table.

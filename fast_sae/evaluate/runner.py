@@ -26,13 +26,12 @@ from .errors import EvalError
 from .plots import write_plots
 from .provenance import cache_dataset, check_overlap, eval_documents, training_facts
 from .reconstruction import (
-    HEADLINE_FILTER,
     evaluate_reconstruction,
     non_finite_warnings,
-    shared_prefix_length,
 )
 from .report import main_columns, markdown_table, new_report, write_report
 from .sources import EvalSelection, SAEEntry, check_against_cache, choose_eval_sequences, load_entries
+from .token_filters import HEADLINE_FILTER, TokenFilters
 
 
 def _cache_labels(caches: list[ActivationCache]) -> list[str]:
@@ -77,7 +76,7 @@ class CachePlan:
     label: str
     selection: EvalSelection  # the reconstruction/downstream tokens (capped)
     held_out: EvalSelection  # every eval sequence (uncapped): interpretability and feature discovery
-    prefix_length: int  # the shared token prefix of the selected sequences
+    filters: TokenFilters  # which tokens each token filter keeps (the ★ prefix of the selected documents)
     overlap: dict[str, dict[str, Any]]  # SAE name -> check_overlap finding
 
     def describe(self) -> dict[str, Any]:
@@ -86,7 +85,7 @@ class CachePlan:
                 "n_sequences": c.meta.n_sequences, "dataset": c.meta.dataset,
                 "dataset_fingerprint": c.meta.dataset_fingerprint, "documents": cache_dataset(c),
                 "selection": self.selection.describe(), "held_out_sequences": int(len(self.held_out.sequences)),
-                "shared_prefix_length": self.prefix_length}
+                "shared_prefix_length": self.filters.prefix_length}
 
 
 def _overlap_line(entry: SAEEntry, cache: ActivationCache, finding: dict[str, Any]) -> str:
@@ -115,8 +114,7 @@ def _plan(cfg: EvalConfig, entries: list[SAEEntry]) -> tuple[list[CachePlan], li
             elif finding["status"] == "unknown":
                 warnings.append(f"{e.name}: cannot check that it was not trained on the eval documents of "
                                 f"{cache.path}: {finding['note']}")
-        prefix = shared_prefix_length(cache.token_ids(), sel.seq_starts, sel.sequences)
-        plans.append(CachePlan(cache, label, sel, held, prefix, findings))
+        plans.append(CachePlan(cache, label, sel, held, TokenFilters.of(cache, sel), findings))
         # the document check settles what the regime heuristic of the sequence choice could only guess
         settled = [f"{e.name}: " for e in entries if findings[e.name]["status"] in ("disjoint", "other dataset")]
         warnings += [w for w in sel.warnings if not w.startswith(tuple(settled))]
@@ -157,7 +155,7 @@ def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n
     """Reconstruction (and downstream loss) of every SAE on one eval cache: one row per SAE."""
     cache, sel = plan.cache, plan.selection
     log(f"{cache.path} ({plan.label}): {sel.n_tokens} eval tokens in {len(sel.sequences)} sequences — {sel.note}; "
-        f"shared prefix {plan.prefix_length} tokens")
+        f"shared prefix {plan.filters.prefix_length} tokens")
     freq_dir = cfg.out / "feature_frequency"
     freq_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
@@ -181,7 +179,7 @@ def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n
     if cfg.downstream.enabled:
         model_id = cfg.model or cache.meta.model_id
         down = evaluate_downstream(models[model_id][0], {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
-                                   cfg.downstream, prefix_length=plan.prefix_length)
+                                   cfg.downstream, filters=plan.filters)
         for name, ds in down.items():
             rows[name]["downstream"] = ds.to_dict() | {"model": model_id}
             err = ds.to_dict()["cache_match_rel_err"]

@@ -9,6 +9,7 @@ from fast_sae.actcache import ActivationCache
 from fast_sae.evaluate.downstream import DownstreamConfig, downstream_sequences, evaluate_downstream
 from fast_sae.evaluate.errors import EvalError
 from fast_sae.evaluate.sources import choose_eval_sequences, load_entries
+from fast_sae.evaluate.token_filters import TokenFilters
 from fast_sae.lm import EMBEDDED_MODEL
 
 from .helpers import make_cache, save_constant_sae, save_identity_sae, save_random_sae
@@ -77,7 +78,9 @@ def test_token_filters_splice_only_kept_positions(tmp_path, embedded_model, mode
     sel = choose_eval_sequences(entries, cache)
     lengths = np.diff(sel.seq_starts)[sel.sequences]
     cfg = DownstreamConfig(max_sequences=2, max_tokens=200, progress=False)
-    out = evaluate_downstream(model, {e.name: (e.sae, e.layer) for e in entries}, cache, sel, cfg, prefix_length=5)
+    filters = TokenFilters(seq_starts=sel.seq_starts, doc_starts=sel.seq_starts[:-1], prefix_length=5,
+                           n_documents=len(sel.sequences))  # a 5-token shared prefix, whatever the tokens
+    out = evaluate_downstream(model, {e.name: (e.sae, e.layer) for e in entries}, cache, sel, cfg, filters=filters)
     for filt, first in (("no_pos0", 1), ("no_prefix", 5)):
         ident, zero = out["identity"].filters[filt], out["zero"].filters[filt]
         assert ident.n_tokens == int((lengths - 1 - first).sum())  # predictions made at kept positions

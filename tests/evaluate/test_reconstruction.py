@@ -151,6 +151,26 @@ def test_sink_and_shared_prefix_subsets_by_hand(tmp_path):
     assert res2.filtered["no_prefix"]["all"]["mse"] == pytest.approx(no_pos0["all"]["mse"])
 
 
+def test_headline_filter_removes_each_documents_shared_prefix_inside_blocks(tmp_path):
+    """BT blocks: ★ drops each block's position 0 and the prefix every document starts with, wherever
+    the document starts (also when a block boundary cuts the prefix), not a prefix shared by blocks."""
+    # three documents [7, 8, 1, 2], [7, 8, 3], [7, 8, 4, 5, 6] packed into blocks of 4 tokens
+    ids = np.array([7, 8, 1, 2, 7, 8, 3, 7, 8, 4, 5, 6])
+    docs = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
+    x = np.arange(1, 13, dtype=np.float32).reshape(-1, 1).repeat(2, axis=1)
+    cache = make_cache(tmp_path / "bt", {0: x}, [4, 4, 4], token_ids=ids, doc_ids=docs, regime="bt-f")
+    res = _run(cache, save_constant_sae(tmp_path / "zero", 2, 0, 0.0))
+    kept = {f: res.filtered[f]["all"]["n_tokens"] for f in ("no_pos0", "no_prefix")}
+    # no_pos0 drops tokens 0, 4, 8; no_prefix also drops the prefix [7, 8] of documents 1 and 2 (4-5, 7-8)
+    assert kept == {"no_pos0": 9, "no_prefix": 6}
+    info = res.to_dict()["token_filters"]
+    assert info["shared_prefix_length"] == 2 and info["prefix_documents"] == 3
+    # sum of ‖x‖² / 2 over the kept tokens 2, 3, 6, 9, 10, 11 (0-based), one block per sequence
+    sq = (x.astype(np.float64) ** 2).sum(1)
+    per_block = [sq[[2, 3]].mean(), sq[[6]].mean(), sq[[9, 10, 11]].mean()]
+    assert res.filtered["no_prefix"]["all"]["mse"] == pytest.approx(np.mean(per_block) / 2)
+
+
 @pytest.mark.slow
 def test_non_finite_inputs_are_counted_and_log2_stays_non_finite(tmp_path):
     from safetensors.torch import load_file
