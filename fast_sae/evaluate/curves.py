@@ -6,7 +6,8 @@ logs windowed means of the training MSE and L0 every ``log_every`` steps (``metr
 beside each run's checkpoint folders, lines with ``split: train``); this module reads them back.
 
 Plateau criterion (``plateau``), stated once here and in docs/metrics.md: over the second half of
-the run the training MSE fell by less than ``MSE_TOLERANCE`` (5%) and L0 moved by less than
+the run the training MSE without position 0 (``mse_no_pos0``; runs that predate it: the all-token
+``mse``, which the attention sink dominates) fell by less than ``MSE_TOLERANCE`` (5%) and L0 moved by less than
 ``L0_TOLERANCE`` (10%), comparing the mean of the logged points in (40%, 50%] of the steps with the
 mean of those in (90%, 100%]. In words: doubling the training from half to full length bought less
 than 5% MSE. The last fifth of a run decays the learning rate to zero, so a flat end alone would
@@ -49,7 +50,7 @@ def load_curve(metrics_file: Path, sae_name: str) -> dict[str, np.ndarray] | Non
         return np.array([float(r[key]) if r.get(key) is not None else np.nan for r in pts])
 
     return {"step": col("step"), "tokens": col("tokens"), "mse": col("mse"), "l0": col("l0"),
-            "explained_variance": col("explained_variance")}
+            "explained_variance": col("explained_variance"), "mse_no_pos0": col("mse_no_pos0")}
 
 
 def _window_mean(curve: dict[str, np.ndarray], key: str, window: tuple[float, float]) -> float | None:
@@ -60,7 +61,8 @@ def _window_mean(curve: dict[str, np.ndarray], key: str, window: tuple[float, fl
 
 def plateau(curve: dict[str, np.ndarray]) -> dict[str, Any]:
     """The plateau criterion of the module docstring: ``{plateaued, mse_drop_second_half, l0_change_second_half}``."""
-    mse_mid, mse_end = _window_mean(curve, "mse", MID_WINDOW), _window_mean(curve, "mse", END_WINDOW)
+    key = "mse_no_pos0" if np.isfinite(curve.get("mse_no_pos0", np.array([np.nan]))).all() else "mse"
+    mse_mid, mse_end = _window_mean(curve, key, MID_WINDOW), _window_mean(curve, key, END_WINDOW)
     l0_mid, l0_end = _window_mean(curve, "l0", MID_WINDOW), _window_mean(curve, "l0", END_WINDOW)
     if mse_mid is None or mse_end is None or not mse_mid > 0:
         return {"plateaued": None, "mse_drop_second_half": None, "l0_change_second_half": None,
@@ -68,7 +70,8 @@ def plateau(curve: dict[str, np.ndarray]) -> dict[str, Any]:
     drop = (mse_mid - mse_end) / mse_mid
     l0_change = abs(l0_end - l0_mid) / l0_mid if l0_mid and l0_end is not None else 0.0
     return {"plateaued": bool(drop < MSE_TOLERANCE and l0_change < L0_TOLERANCE), "mse_drop_second_half": drop,
-            "l0_change_second_half": l0_change,
+            "l0_change_second_half": l0_change, "mse_tokens": "without position 0" if key == "mse_no_pos0" else
+            "all tokens (the run logged no sink-free MSE)",
             "criterion": f"training MSE fell < {MSE_TOLERANCE:.0%} and L0 moved < {L0_TOLERANCE:.0%} between the "
                          f"mean of steps ({MID_WINDOW[0]:.0%}, {MID_WINDOW[1]:.0%}] and ({END_WINDOW[0]:.0%}, "
                          f"{END_WINDOW[1]:.0%}]"}
@@ -81,4 +84,9 @@ def training_summary(sae_path: Path) -> dict[str, Any] | None:
     if curve is None:
         return None
     return {"metrics_file": str(metrics), "steps": int(curve["step"][-1]), "tokens": int(curve["tokens"][-1]),
-            "final_mse": float(curve["mse"][-1]), "final_l0": float(curve["l0"][-1]), **plateau(curve)}
+            "final_mse": float(curve["mse"][-1]), "final_mse_no_pos0": _finite_or_none(curve["mse_no_pos0"][-1]),
+            "final_l0": float(curve["l0"][-1]), **plateau(curve)}
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None

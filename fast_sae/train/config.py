@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,14 @@ DECODER_PATHS = ("auto", "sparse", "dense")
 
 # The grid field holding each architecture's sparsity settings (L1 coefficient, L0 coefficient or k).
 SPARSITY_FIELD = {"standard": "l1_coefficients", "jumprelu": "l0_coefficients", "topk": "k", "batchtopk": "k"}
+
+
+# TrainConfig fields that only one architecture reads.
+ARCH_FIELDS = {"jumprelu": ("jumprelu_bandwidth", "jumprelu_init_threshold", "jumprelu_threshold_lr_scale"),
+               "topk": ("aux_k", "aux_k_coefficient", "decoder_path", "dead_window_tokens", "dead_window_frac",
+                        "dead_window_steps"),
+               "batchtopk": ("batchtopk_threshold_lr",),
+               "standard": ("l1_decoder_norm",)}
 
 
 class ConfigError(Exception):
@@ -70,12 +79,21 @@ class TrainConfig:
     init_encoder_as_decoder_transpose: bool = setting(True, help="Initialise W_enc as W_dec transposed.")
     l1_decoder_norm: bool = setting(False, help="Standard SAE: decoder-norm-weighted L1 (Anthropic, Apr 2024) "
                                                 "instead of a unit-norm decoder.")
-    jumprelu_bandwidth: float = setting(0.001, help="JumpReLU straight-through bandwidth (paper: 0.001).")
-    jumprelu_init_threshold: float = setting(0.001, help="JumpReLU initial threshold (paper: 0.001).")
+    jumprelu_bandwidth: float = setting(0.05, help="JumpReLU straight-through bandwidth, in normalised units "
+                                                   "(SAELens 6: 0.05; the paper's 0.001 is for E||x||^2 = 1).")
+    jumprelu_init_threshold: float = setting(0.01, help="JumpReLU initial threshold (SAELens 6: 0.01; paper: 0.001).")
+    jumprelu_threshold_lr_scale: float = setting(10.0, help="JumpReLU: the thresholds' learning rate as a multiple "
+                                                            "of --lr (they must travel to the pre-activations' "
+                                                            "scale, ~1, within the run).")
     aux_k: int = setting(0, help="TopK/BatchTopK AuxK latents; 0 = d_in / 2 (Gao et al.).")
     aux_k_coefficient: float = setting(1 / 32, help="AuxK loss coefficient (Gao et al.: 1/32).")
     batchtopk_threshold_lr: float = setting(0.01, help="EMA rate of BatchTopK's inference threshold.")
-    dead_window_steps: int = setting(1000, help="A feature is dead if it has not fired in this many steps.")
+    dead_window_tokens: int = setting(10_000_000, help="A feature is dead if it has not fired in this many "
+                                                       "training tokens (Gao et al.: 10M), capped by "
+                                                       "--dead-window-frac of the run.")
+    dead_window_frac: float = setting(0.1, help="Cap of the dead window as a fraction of the run, so AuxK acts "
+                                                "in short runs as in long ones.")
+    dead_window_steps: int | None = setting(None, help="Dead window in steps, overriding the two above.")
     decoder_path: str = setting("auto", choices=DECODER_PATHS,
                                 help="TopK/BatchTopK step: sparse decodes and takes gradients at the kept entries "
                                      "only, dense with full matrices (same maths); auto picks sparse when k / d_sae "
@@ -88,6 +106,33 @@ class TrainConfig:
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_tokens)
 
+    @staticmethod
+    def fields_for(architectures: list[str]) -> set[str]:
+        """The settings that cannot change what a grid of these architectures trains: a run folder
+        is resumed whatever they say (a new JumpReLU option must not orphan a TopK run)."""
+        unused = set()
+        if "jumprelu" not in architectures:
+            unused |= set(ARCH_FIELDS["jumprelu"])
+        if not {"topk", "batchtopk"} & set(architectures):
+            unused |= set(ARCH_FIELDS["topk"])
+        if "batchtopk" not in architectures:
+            unused |= set(ARCH_FIELDS["batchtopk"])
+        if "standard" not in architectures:
+            unused |= set(ARCH_FIELDS["standard"])
+        return unused
+
+    def dead_window(self) -> int:
+        """Steps without firing after which a feature counts as dead (and AuxK trains it).
+
+        Why relative: a fixed 1,000-step window never triggers in a run of 390 steps, so AuxK
+        would act in long runs only and short-run comparisons would test a different loss. The
+        window is Gao et al.'s 10M tokens, but at most ``dead_window_frac`` of the run.
+        """
+        if self.dead_window_steps is not None:
+            return self.dead_window_steps
+        by_tokens = -(-self.dead_window_tokens // self.batch_tokens)
+        return max(1, min(by_tokens, math.ceil(self.dead_window_frac * self.steps())))
+
     def validate(self) -> None:
         if self.order not in ORDERS:
             raise ConfigError(f"order {self.order!r}: expected one of {', '.join(ORDERS)}")
@@ -97,9 +142,13 @@ class TrainConfig:
             raise ConfigError(f"b_dec_init {self.b_dec_init!r}: expected one of {', '.join(B_DEC_INITS)}")
         if self.decoder_path not in DECODER_PATHS:
             raise ConfigError(f"decoder_path {self.decoder_path!r}: expected one of {', '.join(DECODER_PATHS)}")
-        for name in ("tokens", "batch_tokens", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_steps"):
+        for name in ("tokens", "batch_tokens", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dead_window_steps is not None and self.dead_window_steps <= 0:
+            raise ConfigError(f"dead_window_steps must be positive, got {self.dead_window_steps}")
+        if not 0 < self.dead_window_frac <= 1:
+            raise ConfigError(f"dead_window_frac must be in (0, 1], got {self.dead_window_frac}")
         if self.tokens < self.batch_tokens:
             raise ConfigError(f"tokens ({self.tokens}) is smaller than one batch ({self.batch_tokens})")
         if self.eval_sequences < 0:

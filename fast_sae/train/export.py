@@ -50,7 +50,7 @@ def run_record(spec: SAESpec, cfg: TrainConfig, total_steps: int, d_in: int, tra
         buffer_tokens_effective=2 * min(mixing_half(cfg.buffer_tokens, cfg.batch_tokens),
                                         mixing_half(train_tokens, cfg.batch_tokens)),
         b_dec_init=cfg.b_dec_init, init_encoder_as_decoder_transpose=cfg.init_encoder_as_decoder_transpose,
-        dead_feature_window=cfg.dead_window_steps, normalize_sae_decoder=True)
+        dead_feature_window=cfg.dead_window(), normalize_sae_decoder=True)
     if spec.architecture == "standard":
         run.l1_coefficient = spec.sparsity
         run.scale_sparsity_penalty_by_decoder_norm = cfg.l1_decoder_norm

@@ -67,7 +67,10 @@ def _cache_identity(cache: ActivationCache) -> dict[str, Any]:
 
 
 def _comparable(run_cfg: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in run_cfg["train"].items() if k not in ("device", "max_memory_gb", "checkpoint_every")}
+    """What a resumed run must share with the folder's: every setting that changes what it trains."""
+    unused = TrainConfig.fields_for(list(run_cfg["grid"].get("architectures") or []))
+    skip = {"device", "max_memory_gb", "checkpoint_every"} | unused
+    train = {k: v for k, v in run_cfg["train"].items() if k not in skip}
     return {"train": train, "grid": run_cfg["grid"], "cache": run_cfg["cache"], "world_size": run_cfg["world_size"]}
 
 
@@ -154,7 +157,7 @@ class Trainer:
         return out
 
     def _optimizers(self, groups: dict[str, SAEGroup]) -> dict[str, torch.optim.Optimizer]:
-        return {k: torch.optim.Adam(g.parameters(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
+        return {k: torch.optim.Adam(g.optim_groups(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
                 for k, g in groups.items()}
 
     # ------------------------------------------------------------------ run
@@ -247,6 +250,7 @@ class Trainer:
         for k, g in groups.items():
             by_layer.setdefault(g.specs[0].layer, []).append(k)
         order = BatchOrder(cfg.order, stream, b, cfg.buffer_tokens, cfg.seed)
+        positions = self.cache.positions()
         bar = None
         if self.progress and d.main:
             from tqdm import tqdm
@@ -257,6 +261,7 @@ class Trainer:
         try:
             for block in prefetch:
                 acts = {layer: t.to(cfg.device, non_blocking=True) for layer, t in block.acts.items()}
+                not_sink = torch.from_numpy(positions[block.token_index] != 0).to(cfg.device)
                 for i in range(block.n_steps):
                     step = block.first_step + i
                     lr = lr_at(step, cfg, total)
@@ -264,7 +269,7 @@ class Trainer:
                     for layer, keys in by_layer.items():
                         x = acts[layer][i * b:(i + 1) * b]
                         for k in keys:
-                            self._step(groups[k], optims[k], x, lr, sparsity)
+                            self._step(groups[k], optims[k], x, lr, sparsity, not_sink[i * b:(i + 1) * b])
                     done = step + 1
                     if bar is not None:
                         bar.update(1)
@@ -286,15 +291,16 @@ class Trainer:
         return total if total > start else start
 
     @staticmethod
-    def _step(group: SAEGroup, opt: torch.optim.Optimizer, x: torch.Tensor, lr: float, sparsity: float) -> None:
+    def _step(group: SAEGroup, opt: torch.optim.Optimizer, x: torch.Tensor, lr: float, sparsity: float,
+              not_sink: torch.Tensor | None = None) -> None:
         for pg in opt.param_groups:
-            pg["lr"] = lr
+            pg["lr"] = lr * pg.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         out = group.forward_loss(x, sparsity)
         out.loss.backward()
         group.clip_grad_norm_(group.cfg.grad_clip)
         opt.step()
-        group.after_step(out, x)
+        group.after_step(out, x, not_sink)
 
     def _log(self, groups: dict[str, SAEGroup], scales: dict[int, float], done: int, lr: float,
              sparsity: float) -> None:
@@ -306,6 +312,8 @@ class Trainer:
                 lines.append({"step": done, "tokens": done * self.cfg.batch_tokens, "split": "train", "sae": spec.name,
                               "layer": spec.layer, "architecture": spec.architecture,
                               "mse": m["mse_normalized"] / s2, "mse_normalized": m["mse_normalized"],
+                              "mse_no_pos0": None if m["mse_normalized_no_pos0"] is None
+                              else m["mse_normalized_no_pos0"] / s2,
                               "explained_variance": m["explained_variance"], "l0": m["l0"],
                               "dead_fraction": m["dead_fraction"], "lr": lr, "sparsity_coefficient": coef})
         gathered = self.dist.gather(lines)

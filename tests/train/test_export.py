@@ -26,7 +26,7 @@ def test_folded_checkpoint_matches_training_reconstruction(arch, tmp_path):
         if arch == "batchtopk":
             g.threshold.fill_(0.2)
         if arch == "jumprelu":
-            g.log_threshold.fill_(-2.0)
+            g.threshold.fill_(0.135)
     x_raw = torch.randn(50, d_in) * 2 + 1
     with torch.no_grad():
         train_recon = g.decode(g.encode_inference(x_raw * scale)) / scale

@@ -1,8 +1,6 @@
 """Each architecture learns a known sparse dictionary; the loss pieces follow their papers."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -24,9 +22,9 @@ def mean_max_cosine(dictionary: np.ndarray, w_dec: np.ndarray) -> float:
 def test_every_architecture_recovers_a_synthetic_dictionary(synthetic_cache, tmp_path):
     cache, dictionary = synthetic_cache
     cfg = TrainConfig(tokens=256_000, batch_tokens=256, lr=3e-3, lr_end=3e-4, eval_sequences=20, buffer_tokens=8192,
-                      log_every=250, jumprelu_bandwidth=0.2, jumprelu_init_threshold=0.3, dead_window_steps=100)
+                      log_every=250, dead_window_steps=100)
     grid = GridConfig(layers=[0], architectures=["standard", "jumprelu", "topk", "batchtopk"], expansion_factors=[2],
-                      l1_coefficients=[0.3], l0_coefficients=[10.0], k=[3])
+                      l1_coefficients=[0.3], l0_coefficients=[1.0], k=[3])
     result = Trainer(cache, tmp_path / "run", cfg, grid, echo=lambda s: None, progress=False).run()
     assert result.status == "finished"
     rows = {r["sae"]: r for r in result.rows}
@@ -39,7 +37,7 @@ def test_every_architecture_recovers_a_synthetic_dictionary(synthetic_cache, tmp
     # The sparsity constraint binds: ground truth has 2.56 active features per token.
     assert rows["L0_topk_x2_k3"]["l0"] == pytest.approx(3.0)
     assert 2.0 < rows["L0_batchtopk_x2_k3"]["l0"] < 4.0
-    assert rows["L0_jumprelu_x2_l0_10"]["l0"] < 5.0
+    assert 2.0 < rows["L0_jumprelu_x2_l0_1"]["l0"] < 3.5  # the L0 coefficient finds the true sparsity
 
 
 def _group(arch: str, sparsity: list[float], d_in: int = 8, ef: int = 2, **kw):
@@ -64,10 +62,14 @@ def test_jumprelu_straight_through_gradients_match_the_paper():
     assert theta.grad[0, 0].tolist() == pytest.approx([-10.0, -10.0, 0.0, 0.0])
 
 
-def test_jumprelu_thresholds_start_at_init_and_save_exponentiated():
+def test_jumprelu_thresholds_start_at_init_are_saved_as_is_and_stay_positive():
     g = _group("jumprelu", [0.01], jumprelu_init_threshold=0.001)
-    assert torch.allclose(g.log_threshold, torch.full_like(g.log_threshold, math.log(0.001)))
-    assert torch.allclose(g.inference_threshold(), torch.full((1, 16), 0.001))
+    assert torch.equal(g.threshold, torch.full((1, 16), 0.001)) and torch.equal(g.inference_threshold(), g.threshold)
+    opt = torch.optim.Adam(g.optim_groups(), lr=0.01)
+    with torch.no_grad():
+        g.threshold[0, :4] = -0.5  # as an overshooting step could leave it
+    Trainer._step(g, opt, torch.randn(32, 8), 0.01, 1.0)
+    assert float(g.threshold.detach().min()) > 0
 
 
 def test_topk_keeps_k_per_sae_of_a_stack():
@@ -127,3 +129,49 @@ def test_decoder_init_is_unit_norm_encoder_transpose(arch):
     g = _group(arch, [3])
     assert torch.allclose(g.W_dec.norm(dim=-1), torch.ones(1, 16))
     assert torch.equal(g.W_enc[0], g.W_dec[0].t())
+
+
+def test_dead_window_is_relative_to_the_run():
+    """Gao et al.'s 10M tokens, capped at a tenth of the run, so AuxK acts in short runs too."""
+    assert TrainConfig(tokens=390 * 1024, batch_tokens=1024).dead_window() == 39
+    assert TrainConfig(tokens=40_960_000, batch_tokens=4096).dead_window() == 1000
+    assert TrainConfig(tokens=4_096_000_000, batch_tokens=4096).dead_window() == 2442  # 10M tokens
+    assert TrainConfig(tokens=390 * 1024, batch_tokens=1024, dead_window_steps=7).dead_window() == 7
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_acts_when_latents_die_in_a_short_run(arch):
+    """Latents that never make the top k get a gradient only through AuxK; in a 40-step run they are
+    declared dead after 4 steps and AuxK moves their encoder columns. With the old fixed 1,000-step
+    window they never count as dead and stay where they started."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 8) * 3
+
+    def train(**kw) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _group(arch, [2], d_in=8, ef=4, tokens=40 * 256, batch_tokens=256, decoder_path="dense", **kw)
+        with torch.no_grad():
+            g.W_enc[0, :, :8] *= 1e-3  # positive but tiny pre-activations: never among the top 2
+        start = g.W_enc[0, :, :8].detach().clone()
+        opt = torch.optim.Adam(g.optim_groups(), lr=1e-3)
+        for _ in range(40):
+            Trainer._step(g, opt, x, 1e-3, 1.0)
+        return start, g.W_enc[0, :, :8].detach()
+
+    start, end = train()
+    assert not torch.allclose(start, end)
+    start, end = train(dead_window_steps=1000)
+    assert torch.equal(start, end)
+
+
+def test_jumprelu_l0_responds_to_its_coefficient_in_a_short_run():
+    """200 steps: the L0 coefficient sets the L0 (with log-thresholds and the paper's bandwidth every
+    coefficient ended at the same L0 in a run of this length)."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)  # E||x||^2 = d_model, as the trainer normalises
+    g = _group("jumprelu", [0.001, 0.1, 10.0], d_in=32, ef=4)
+    opt = torch.optim.Adam(g.optim_groups(), lr=1e-3)
+    for _ in range(200):
+        Trainer._step(g, opt, x, 1e-3, 1.0)
+    with torch.no_grad():
+        l0 = (g.encode_inference(x) > 0).float().sum(-1).mean(-1)
+    assert l0[0] > 1.5 * l0[1] > 1.5 * 1.5 * l0[2], l0.tolist()

@@ -9,6 +9,7 @@ clipping is per SAE), so an SAE trained in a stack follows the same trajectory a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ class StepOutput:
 
     loss: torch.Tensor
     sse: torch.Tensor  # sum over the batch of ||x - x_hat||^2 (normalised units), detached
+    err: torch.Tensor  # [n, b] per-token ||x - x_hat||^2, detached (the logged sink-free MSE masks it)
     l0: torch.Tensor  # sum over the batch of active features, detached
     fired: torch.Tensor  # [n, d_sae] bool: fired at least once in this batch
 
@@ -45,6 +47,8 @@ class SAEGroup(nn.Module):
     acc_sum_x: torch.Tensor
     acc_sum_sq: torch.Tensor
     acc_tokens: torch.Tensor
+    acc_sse_kept: torch.Tensor
+    acc_tokens_kept: torch.Tensor
 
     def __init__(self, specs: list[SAESpec], d_in: int, cfg: TrainConfig, b_dec_init: torch.Tensor) -> None:
         super().__init__()
@@ -74,7 +78,13 @@ class SAEGroup(nn.Module):
         self.register_buffer("acc_sum_x", torch.zeros(d_in, dtype=torch.float64))
         self.register_buffer("acc_sum_sq", torch.zeros((), dtype=torch.float64))
         self.register_buffer("acc_tokens", torch.zeros((), dtype=torch.int64))
+        # The same window without position 0 of each sequence: the attention sink (||x|| ~ 150x the
+        # median on SmolLM2) carries nearly all of a batch's squared error, so a curve that includes it
+        # shows how the SAE fits a handful of fixed vectors, not whether it has converged.
+        self.register_buffer("acc_sse_kept", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("acc_tokens_kept", torch.zeros((), dtype=torch.int64))
         self._last_pre: torch.Tensor | None = None  # pre-activations of the last training forward (AuxK)
+        self.dead_window = cfg.dead_window()
 
     # ------------------------------------------------------------------ shared maths
     def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,11 +129,16 @@ class SAEGroup(nn.Module):
             # int64 first, a pass as costly as an elementwise op on 8 x the features' bytes.
             fired = f.amax(dim=1) > 0
             l0 = torch.sign(f).sum(-1).sum(-1, dtype=torch.float64)  # exact: a row counts < 2^24 ones
-        return StepOutput(loss=loss.sum(), sse=err.detach().sum(-1).to(torch.float64), l0=l0, fired=fired)
+        err = err.detach()
+        return StepOutput(loss=loss.sum(), sse=err.sum(-1).to(torch.float64), err=err, l0=l0, fired=fired)
 
     uses_coefficient = True
 
     # ------------------------------------------------------------------ around the optimiser step
+    def optim_groups(self) -> list[dict]:
+        """Adam parameter groups; ``lr_scale`` multiplies the scheduled learning rate of a group."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global grad-norm clipping, per SAE (SAELens clips at 1.0 per SAE)."""
@@ -142,8 +157,9 @@ class SAEGroup(nn.Module):
         return True
 
     @torch.no_grad()
-    def after_step(self, out: StepOutput, x: torch.Tensor) -> None:
-        """Unit-norm decoder rows, dead-feature counters and logging accumulators."""
+    def after_step(self, out: StepOutput, x: torch.Tensor, not_sink: torch.Tensor | None = None) -> None:
+        """Unit-norm decoder rows, dead-feature counters and logging accumulators (``not_sink``: [b] bool,
+        the rows that are not position 0 of their sequence)."""
         if self.renormalize_decoder:
             self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         self.steps_since_fired.add_(1).masked_fill_(out.fired, 0)
@@ -153,18 +169,22 @@ class SAEGroup(nn.Module):
         self.acc_sum_x += xd.sum(0)
         self.acc_sum_sq += torch.dot(xd.reshape(-1), xd.reshape(-1))
         self.acc_tokens += x.shape[0]
+        if not_sink is not None:
+            self.acc_sse_kept += (out.err * not_sink).sum(-1, dtype=torch.float64)
+            self.acc_tokens_kept += int(not_sink.sum())
 
     def dead_mask(self) -> torch.Tensor:
-        return self.steps_since_fired >= self.cfg.dead_window_steps
+        return self.steps_since_fired >= self.dead_window
 
     @torch.no_grad()
-    def take_window_metrics(self) -> list[dict[str, float]]:
+    def take_window_metrics(self) -> list[dict[str, Any]]:
         """Metrics over the steps since the last call, per SAE; resets the window.
 
         Explained variance is 1 - sum ||x - x_hat||^2 / sum ||x - mean||^2 over the whole window,
         the mean taken over the window's tokens per dimension (docs/method.md §5), not per batch.
         """
         n_tok = max(int(self.acc_tokens), 1)
+        n_kept = int(self.acc_tokens_kept)
         centered = float(self.acc_sum_sq) - float(self.acc_sum_x.pow(2).sum()) / n_tok
         dead = self.dead_mask().to(torch.float64).mean(1)
         out = []
@@ -172,8 +192,11 @@ class SAEGroup(nn.Module):
             sse = float(self.acc_sse[i])
             out.append({"sse": sse, "tokens": n_tok, "mse_normalized": sse / (n_tok * self.d_in),
                         "explained_variance": 1.0 - sse / centered if centered > 0 else float("nan"),
-                        "l0": float(self.acc_l0[i]) / n_tok, "dead_fraction": float(dead[i])})
-        for buf in (self.acc_sse, self.acc_l0, self.acc_sum_x, self.acc_sum_sq, self.acc_tokens):
+                        "l0": float(self.acc_l0[i]) / n_tok, "dead_fraction": float(dead[i]),
+                        "mse_normalized_no_pos0": float(self.acc_sse_kept[i]) / (n_kept * self.d_in)
+                        if n_kept else None})
+        for buf in (self.acc_sse, self.acc_l0, self.acc_sum_x, self.acc_sum_sq, self.acc_tokens, self.acc_sse_kept,
+                    self.acc_tokens_kept):
             buf.zero_()
         return out
 

@@ -106,8 +106,8 @@ class BatchTopKGroup(SparseTopKFamily):
         return auxk_loss(self, x, pre, recon)
 
     @torch.no_grad()
-    def after_step(self, out: StepOutput, x: torch.Tensor) -> None:
-        super().after_step(out, x)
+    def after_step(self, out: StepOutput, x: torch.Tensor, not_sink: torch.Tensor | None = None) -> None:
+        super().after_step(out, x, not_sink)
         m = self._min_kept
         if m is not None:
             valid = torch.isfinite(m)

@@ -128,5 +128,5 @@ class SparseTopKFamily(SAEGroup):
             l0 = active.view(n, -1).sum(1).to(torch.float64)
             fired = torch.zeros(n * m, dtype=torch.bool, device=x.device)
             fired[kept.pattern.col[active]] = True
-        return StepOutput(loss=loss.sum(), sse=err.detach().sum(-1).to(torch.float64), l0=l0,
-                          fired=fired.view(n, m))
+        err = err.detach()
+        return StepOutput(loss=loss.sum(), sse=err.sum(-1).to(torch.float64), err=err, l0=l0, fired=fired.view(n, m))

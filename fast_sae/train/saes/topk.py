@@ -2,7 +2,7 @@
 
 z = (x - b_dec) W_enc + b_enc; f keeps the k largest entries of z per token (then ReLU); no
 sparsity penalty, the sparsity is k. AuxK: the k_aux largest pre-activations among *dead*
-latents (not fired for ``dead_window_steps``) reconstruct the main model's residual error
+latents (not fired for ``TrainConfig.dead_window()`` steps) reconstruct the main model's residual error
 e = x - x_hat (detached), loss alpha * MSE(e_hat, e) / MSE(mean_batch(e), e) with alpha = 1/32 and
 k_aux = d_in / 2, normalised by the batch variance of e as Gao et al.'s code does (and put on the
 scale of the unnormalised main loss, sparse_group.auxk_term); it gives dead latents a gradient so
