@@ -18,6 +18,7 @@ _COMMANDS = {
     "evaluate": ("fast_sae.evaluate.cli", "evaluate_cmd"),
     "compare": ("fast_sae.evaluate.cli", "compare_cmd"),
     "demo": ("fast_sae.demo", "demo_cmd"),
+    "converge": ("fast_sae.converge.cli", "converge_cmd"),
 }
 
 

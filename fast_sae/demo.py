@@ -4,7 +4,8 @@ It only chains the public commands, printing each as a command line a user could
 same study on any model is these commands with other values):
 1. harvest: one FAST *evaluation* cache of a seeded random sample of the chat corpus's documents
    (``--docs holdout``), and the three training caches without them: FAST and BT(F) of every other
-   conversation (``--docs train``, the same seed and share), BT(P) of plain text (another dataset);
+   conversation (``--docs train``, the same seed and share), BT(P) of plain text (another dataset,
+   whose held-out documents `pipeline.py converge` scores the SAEs on);
 2. train: per regime one grid, a small sparsity sweep per architecture (L1 / L0 coefficients, k),
    every regime with one shared normalisation constant taken from the FAST training cache
    (``--normalize-from``; ``--normalize none`` trains on raw activations);
@@ -55,7 +56,7 @@ class DemoConfig:
     expansion_factor: int = setting(2, help="d_sae / d_model.")
     l1_coefficients: list[float] = setting(default_factory=lambda: [1.0, 3.0, 10.0],
                                            help="Standard SAE sweep (L1 coefficients).")
-    l0_coefficients: list[float] = setting(default_factory=lambda: [0.03, 0.1, 0.3],
+    l0_coefficients: list[float] = setting(default_factory=lambda: [0.01, 0.1, 1.0],
                                            help="JumpReLU sweep (L0 coefficients).")
     k: list[int] = setting(default_factory=lambda: [16, 32, 64], help="TopK / BatchTopK sweep (k).")
     train_tokens: int = setting(400_000, help="Training tokens per SAE (several passes over a small cache).")
@@ -90,17 +91,24 @@ def check_held_out(eval_cache: Path, training: list[Path]) -> tuple[int, dict[st
     return len(held), found
 
 
+def harvest_commands(d: DemoConfig, caches_dir: Path) -> list[list[str]]:
+    """The harvests of the study: the held-out FAST evaluation cache (``fast-eval``) first, then the
+    training caches ``fast``, ``bt-f`` and ``bt-p`` without the held-out documents."""
+    split = ["--holdout-fraction", str(d.holdout_fraction), "--holdout-seed", str(d.holdout_seed)]
+    common = ["--layers", str(d.layer), "--context-size", str(d.context_size)]
+    cmds = [["harvest", "--out", str(caches_dir / "fast-eval"), "--regime", "fast", "--docs", "holdout", *split,
+             "--max-tokens", str(d.eval_tokens), *common]]
+    for regime in ("fast", "bt-f", "bt-p"):  # BT(P) reads another dataset, with the same held-out rule
+        cmds.append(["harvest", "--out", str(caches_dir / regime), "--regime", regime, "--docs", "train", *split,
+                     "--max-tokens", str(d.tokens), *common])
+    return cmds
+
+
 def _commands(d: DemoConfig) -> tuple[list[list[str]], dict[str, Path], Path]:
     """The harvest and train command lines of the study, the run folders and the evaluation cache."""
     caches = {regime: d.out / "caches" / regime for regime in ("fast", "bt-f", "bt-p")}
     eval_cache = d.out / "caches" / "fast-eval"
-    split = ["--holdout-fraction", str(d.holdout_fraction), "--holdout-seed", str(d.holdout_seed)]
-    common = ["--layers", str(d.layer), "--context-size", str(d.context_size)]
-    cmds = [["harvest", "--out", str(eval_cache), "--regime", "fast", "--docs", "holdout", *split,
-             "--max-tokens", str(d.eval_tokens), *common]]
-    for regime, cache in caches.items():
-        docs = ["--docs", "train", *split] if regime != "bt-p" else []  # BT(P) reads another dataset
-        cmds.append(["harvest", "--out", str(cache), "--regime", regime, *docs, "--max-tokens", str(d.tokens), *common])
+    cmds = harvest_commands(d, d.out / "caches")
     runs = {regime: d.out / "runs" / regime for regime in caches}
     norm = ["--normalize", "none"] if d.normalize == "none" else \
         ["--normalize", d.normalize, "--normalize-from", str(caches["fast"])]

@@ -21,6 +21,8 @@ ALLOWED = {
     "harvest": {"actcache", "lm"},
     "train": {"actcache", "saeio"},
     "evaluate": {"actcache", "saeio", "lm"},
+    # the convergence study chains the stages' public commands, like demo.py, and reads their reports
+    "converge": {"actcache", "demo"},
 }
 
 

@@ -78,7 +78,7 @@ class EvalConfig:
     caches: list[Path] = setting(default_factory=list, cli=False, help="The caches whose tokens are scored.")
     max_eval_tokens: int | None = setting(200_000, help="Token budget of the reconstruction metrics (whole "
                                                         "sequences, in stream order; 0: no cap).")
-    eval_range: tuple[int, int] | None = setting(None, parse=parse_range, metavar="START:STOP",
+    eval_range: tuple[int, ...] | None = setting(None, parse=parse_range, metavar="START:STOP[:STEP]",
                                                  help="Use exactly these sequences of the eval cache (overrides "
                                                       "the held-out rule).")
     allow_overlap: bool = setting(False, help="Evaluate even when an SAE was trained on some of the eval documents "

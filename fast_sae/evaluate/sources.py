@@ -232,29 +232,33 @@ class EvalSelection:
                 "warnings": list(self.warnings)}
 
 
-def parse_range(text: str) -> tuple[int, int]:
-    """'START:STOP' -> (START, STOP), for the --eval-range option."""
+def parse_range(text: str) -> tuple[int, ...]:
+    """'START:STOP' or 'START:STOP:STEP' -> (START, STOP[, STEP]), for the --eval-range option (a step
+    spreads the sequences over the cache, e.g. a sample of a training cache sorted by topic)."""
     try:
-        a, b = text.split(":")
-        return int(a), int(b)
+        parts = tuple(int(p) for p in text.split(":"))
     except ValueError:
-        raise EvalError(f"--eval-range {text!r}: expected START:STOP (sequence indices)") from None
+        parts = ()
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1):
+        raise EvalError(f"--eval-range {text!r}: expected START:STOP or START:STOP:STEP (sequence indices, "
+                        f"STEP >= 1)")
+    return parts
 
 
 def choose_eval_sequences(entries: list[SAEEntry], cache: ActivationCache, *,
-                          explicit: tuple[int, int] | None = None, max_tokens: int | None = None) -> EvalSelection:
+                          explicit: tuple[int, ...] | None = None, max_tokens: int | None = None) -> EvalSelection:
     """The common eval sequences of ``cache`` for ``entries`` (see the module docstring for the rule)."""
     starts = cache.seq_starts()
     n_seq = len(starts) - 1
     mask = np.ones(n_seq, dtype=bool)
     warnings: list[str] = []
     if explicit is not None:
-        a, b = explicit
+        a, b, step = (*explicit, 1)[:3]
         if not 0 <= a < b <= n_seq:
             raise EvalError(f"--eval-range {a}:{b} outside the cache's {n_seq} sequences")
         mask[:] = False
-        mask[a:b] = True
-        note = f"sequences {a}:{b} as given"
+        mask[a:b:step] = True
+        note = f"sequences {a}:{b}" + (f":{step}" if step > 1 else "") + " as given"
     else:
         held = []
         for e in entries:
