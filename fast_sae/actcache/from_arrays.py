@@ -19,10 +19,13 @@ from .writer import CacheWriter, TokenArrays
 def write_cache_from_arrays(path: str | Path | RemotePath, acts: dict[int, np.ndarray], *,
                             seq_starts: np.ndarray | None = None,
                             token_ids: np.ndarray | None = None, roles: np.ndarray | None = None,
+                            doc_ids: np.ndarray | None = None,
                             chunk_tokens: int = 1024, dtype: str = "float32", compression: str = "none",
                             regime: str = "fast", model_id: str = "synthetic", dataset: str = "synthetic",
                             tokenizer: Any | None = None, n_model_layers: int | None = None,
                             options: dict[str, str] | None = None) -> Path | RemotePath:
+    """A complete cache of ``acts`` (layer -> (n, d_model)); one document per sequence unless ``doc_ids``
+    (n,) says otherwise (e.g. BT blocks that span documents)."""
     layers = sorted(acts)
     n, d = acts[layers[0]].shape
     if seq_starts is None:
@@ -34,7 +37,7 @@ def write_cache_from_arrays(path: str | Path | RemotePath, acts: dict[int, np.nd
         ids=np.zeros(n, np.int32) if token_ids is None else np.asarray(token_ids, np.int32),
         positions=positions.astype(np.int32),
         roles=np.full(n, int(Role.TEXT), np.uint8) if roles is None else np.asarray(roles, np.uint8),
-        doc_ids=seq_index.astype(np.int32),
+        doc_ids=seq_index.astype(np.int32) if doc_ids is None else np.asarray(doc_ids, np.int32),
         seq_starts=seq_starts,
     )
     meta = CacheMeta(model_id=model_id, model_revision=None, d_model=d,
