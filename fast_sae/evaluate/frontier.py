@@ -78,9 +78,10 @@ def common_l0(ranges: Sequence[tuple[float, float]], n: int = N_MATCHED) -> list
     return [float(v) for v in np.exp(np.linspace(math.log(lo), math.log(hi), n))]
 
 
-def match_at_l0(points: dict[str, list[tuple[float, float]]], higher_is_better: bool = False) -> dict[str, Any]:
+def match_at_l0(points: dict[str, list[tuple[float, float]]], higher_is_better: bool = False,
+                margin: float = 0.0) -> dict[str, Any]:
     """Regimes' (L0, value) points (sorted by L0) compared at common L0 values: their ranges, the grid, each
-    regime's interpolated values and the best regime per grid value (None on a tie)."""
+    regime's interpolated values and the best regime per grid value (None on a tie or a lead <= ``margin``)."""
     pts = {r: p for r, p in points.items() if p}
     ranges = {r: (p[0][0], p[-1][0]) for r, p in pts.items()}
     grid = common_l0(list(ranges.values())) if len(pts) > 1 else []
@@ -88,9 +89,9 @@ def match_at_l0(points: dict[str, list[tuple[float, float]]], higher_is_better: 
     best: list[str | None] = []
     for i in range(len(grid)):
         col: dict[str, float] = {r: v for r, vs in values.items() if (v := vs[i]) is not None}
-        top = (max if higher_is_better else min)(col.values()) if col else None
-        winners = [r for r, v in col.items() if v == top]
-        best.append(winners[0] if len(winners) == 1 else None)
+        ranked = sorted(col, key=lambda r: col[r], reverse=higher_is_better)
+        lead = abs(col[ranked[0]] - col[ranked[1]]) if len(ranked) > 1 else float("inf")
+        best.append(ranked[0] if ranked and lead > margin else None)
     return {"points": {r: [list(p) for p in v] for r, v in pts.items()},
             "ranges": {r: list(v) for r, v in ranges.items()}, "l0": grid, "values": values, "best": best}
 

@@ -21,8 +21,10 @@ INTRO = ("SAEBench-style sparse probing on labels the cache holds, model-free: p
          "|class-mean difference| on the training tokens, then an L2 logistic regression on them (standardised, "
          "class-balanced, C = 1), scored on the test tokens; the dense ceiling is the same regression on the whole "
          "residual. ★ tokens only; train and test are disjoint sets of documents. Figures are balanced accuracy "
-         "(chance = 0.5); `special_token` is the mean over its one-vs-rest tasks. L0: mean active latents on the "
-         "label's probe tokens. Labels and limits: docs/metrics.md.")
+         "(chance = 0.5); `special_token` is the mean over its one-vs-rest tasks. SE: the token-level binomial "
+         "standard error of a balanced accuracy of 0.5 on the test tokens, a lower bound on the noise (tokens of one "
+         "conversation are correlated). L0: mean active latents on the label's probe tokens. Labels and limits: "
+         "docs/metrics.md.")
 
 
 def _labels(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -37,20 +39,20 @@ def _facts_table(row: dict[str, Any]) -> list[str]:
     lines = [f"Eval cache `{row.get('eval_cache')}` (layer {p['layer']}): {split['n_docs']} documents with ★ tokens, "
              f"{split['n_test_docs']} of them in the test split (seed {split['seed']}); shared prefix "
              f"{split['shared_prefix_length']} tokens left out.", "",
-             "| label | what | train / test tokens | train / test docs | positive share (test) | dense ceiling "
-             "| note |", "|---|---|---|---|---|---|---|"]
+             "| label | what | train / test tokens | train / test docs | positive share (test) | SE | dense ceiling "
+             "| note |", "|---|---|---|---|---|---|---|---|"]
     for label in _labels([row]):
         e = p["labels"][label]
         tasks = e.get("tasks") or []
         if not tasks:
-            lines.append(f"| {label} | {e['what']} | – | – | – | – | skipped: {e.get('skipped')} |")
+            lines.append(f"| {label} | {e['what']} | – | – | – | – | – | skipped: {e.get('skipped')} |")
             continue
         share = " / ".join(f"{t['positive_share_test']:.2f}" for t in tasks)
         note = ""
         if label == "special_token":
             note = "classes: " + ", ".join(f"`{t['positive']!r}`" for t in tasks)
         lines.append(f"| {label} | {e['what']} | {e['n_train_tokens']} / {e['n_test_tokens']} | "
-                     f"{tasks[0]['n_train_docs']} / {tasks[0]['n_test_docs']} | {share} | "
+                     f"{tasks[0]['n_train_docs']} / {tasks[0]['n_test_docs']} | {share} | {fmt(e.get('se'), '.3f')} | "
                      f"{fmt(_get(e, 'dense.' + METRIC), '.3f')} | {note} |")
     return lines
 
@@ -100,7 +102,10 @@ def matched_probes(by_regime: dict[str, list[dict[str, Any]]]) -> list[dict[str,
                 points[regime] = [(x, sum(v) / len(v)) for x, v in sorted(pts.items())]
             dense = next((d for r in rows if (d := _get(r, f"probes.labels.{label}.dense.{METRIC}")) is not None),
                          None)
-            out.append({"label": label, "k": k, "metric": METRIC, "dense": dense} | match_at_l0(points, True))
+            se = max((s for r in rows if isinstance(s := _get(r, f"probes.labels.{label}.se"), (int, float))),
+                     default=0.0)
+            out.append({"label": label, "k": k, "metric": METRIC, "dense": dense, "se": se}
+                       | match_at_l0(points, True, margin=se))
     return out
 
 
@@ -113,18 +118,20 @@ def compare_lines(group: dict[str, Any]) -> list[str]:
     lines = ["### Chat-structure probes at matched L0", "",
              "Balanced test accuracy (chance 0.5) of k-latent probes, each regime interpolated at the same L0 "
              "values (L0 on the label's probe tokens; listed left to right; – outside a regime's own range). "
-             "highest: how often each regime is highest. ★ tokens, held-out documents; docs/metrics.md.", "",
-             "| label | k | L0 | " + " | ".join(regimes) + " | highest | dense ceiling |",
-             "|---|---|---|" + "---|" * len(regimes) + "---|---|"]
+             "ahead: how often each regime is highest by more than SE, the token-level binomial standard error "
+             "of a balanced accuracy of 0.5 on the test tokens (a lower bound on the noise: tokens of one "
+             "conversation are correlated). ★ tokens, held-out documents; docs/metrics.md.", "",
+             "| label | k | L0 | " + " | ".join(regimes) + " | ahead by > SE | SE | dense ceiling |",
+             "|---|---|---|" + "---|" * len(regimes) + "---|---|---|"]
     for m in table:
         if not m["l0"]:
             ranges = "; ".join(f"{r} {a:.1f}–{b:.1f}" for r, (a, b) in m["ranges"].items()) or "no points"
             lines.append(f"| {m['label']} | {m['k']} | no common L0 range ({ranges}) |" + " |" * len(regimes)
-                         + f" | {fmt(m['dense'], '.3f')} |")
+                         + f" | {fmt(m.get('se'), '.3f')} | {fmt(m['dense'], '.3f')} |")
             continue
         cells = [" · ".join(fmt(v, ".3f") for v in m["values"].get(r, [None] * len(m["l0"]))) for r in regimes]
         wins = ", ".join(f"{r} {sum(b == r for b in m['best'])}/{len(m['l0'])}" for r in regimes
-                         if any(b == r for b in m["best"])) or "tie"
+                         if any(b == r for b in m["best"])) or "none"
         lines.append(f"| {m['label']} | {m['k']} | " + " · ".join(f"{x:.1f}" for x in m["l0"]) + " | "
-                     + " | ".join(cells) + f" | {wins} | {fmt(m['dense'], '.3f')} |")
+                     + " | ".join(cells) + f" | {wins} | {fmt(m.get('se'), '.3f')} | {fmt(m['dense'], '.3f')} |")
     return lines + [""]

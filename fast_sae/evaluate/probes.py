@@ -193,6 +193,9 @@ def label_results(data: ProbeData, scores: dict[str, dict[str, Any]], dense: dic
         entry["n_test_tokens"] = sum(len(t.test) for t in tasks) if label != "special_token" else \
             (len(tasks[0].test) if tasks else 0)
         entry["tasks"] = [t.describe() | {"k": scores[t.name], "dense": dense[t.name]} for t in tasks]
+        # the binomial standard error of a balanced accuracy of 0.5 on the test tokens: a lower bound on the
+        # noise of these figures (the tokens of one conversation are not independent)
+        entry["se"] = _mean([0.5 * float(np.sqrt(0.25 / t.y_test.sum() + 0.25 / (~t.y_test).sum())) for t in tasks])
         out[label] = entry
     return out
 

@@ -171,3 +171,39 @@ def test_evaluate_cli_reports_probes(tmp_path):
     bad = run_cli("evaluate", "--sae", str(sae), "--eval-cache", str(path), "--out", str(tmp_path / "e3"),
                   "--no-downstream", "--probe-k", "0", check=False)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("Error: --probe-k")
+
+
+def _probe_row(regime: str, l0: float, acc: float) -> dict:
+    labels = {"user_vs_assistant": {"l0": l0, "k": {"1": {"balanced_accuracy": acc}, "5": {"balanced_accuracy": 0.9}},
+                                    "dense": {"balanced_accuracy": 0.95}, "se": 0.05}}
+    return {"name": f"{regime}_{l0:g}", "path": f"/runs/{regime}/L1_topk_x2_k{int(l0)}", "regime": regime,
+            "layer": 1, "architecture": "topk", "d_sae": 8, "eval_regime": "fast", "eval_cache": "/c",
+            "model_name": "m", "reconstruction": {}, "probes": {"k": [1, 5], "labels": labels}}
+
+
+def test_compare_matches_probe_accuracy_at_l0_by_hand():
+    from fast_sae.evaluate.compare import comparison, render_markdown
+
+    rows = [_probe_row("fast", 10, 0.70), _probe_row("fast", 40, 0.90),
+            _probe_row("bt-f", 20, 0.60), _probe_row("bt-f", 80, 0.80)]
+    (g,) = comparison(rows)
+    m = next(p for p in g["probes"] if p["label"] == "user_vs_assistant" and p["k"] == 1)
+    assert m["ranges"] == {"fast": [10, 40], "bt-f": [20, 80]} and m["l0"][0] == pytest.approx(20)
+    # at L0 = 20, halfway between ln 10 and ln 40: FAST 0.80; BT(F) 0.60 (its own point)
+    assert m["values"]["fast"][0] == pytest.approx(0.80) and m["values"]["bt-f"][0] == pytest.approx(0.60)
+    # a lead counts only beyond the SE (0.05): at L0 = 20 FAST leads by 0.20; at L0 = 40 FAST 0.90 vs BT(F)
+    # 0.60 + 0.20 · ln(2)/ln(4) = 0.70
+    assert m["best"] == ["fast"] * 4 and m["dense"] == 0.95 and m["se"] == 0.05
+    five = next(p for p in g["probes"] if p["k"] == 5)
+    assert five["best"] == [None] * 4  # equal everywhere: nobody ahead
+    close = comparison([_probe_row("fast", 10, 0.70), _probe_row("fast", 40, 0.74),
+                        _probe_row("bt-f", 10, 0.68), _probe_row("bt-f", 40, 0.70)])[0]
+    assert next(p for p in close["probes"] if p["k"] == 1)["best"] == [None] * 4  # leads of 0.02-0.04 < SE
+    md = render_markdown([g])
+    assert "### Chat-structure probes at matched L0" in md
+    assert "| user_vs_assistant | 1 | 20.0 · 25.2 · 31.7 · 40.0 | 0.800 · " in md
+    assert "| fast 4/4 | 0.050 | 0.950 |" in md
+    assert "| user_vs_assistant | 5 |" in md and "| none | 0.050 | 0.950 |" in md
+    # no probes in the rows (an older report, or --no-probes): no section
+    plain = [{k: v for k, v in r.items() if k != "probes"} for r in rows]
+    assert "Chat-structure probes" not in render_markdown(comparison(plain))
