@@ -207,3 +207,20 @@ def test_compare_matches_probe_accuracy_at_l0_by_hand():
     # no probes in the rows (an older report, or --no-probes): no section
     plain = [{k: v for k, v in r.items() if k != "probes"} for r in rows]
     assert "Chat-structure probes" not in render_markdown(comparison(plain))
+
+
+def test_plain_text_cache_skips_every_label_with_the_reason(tmp_path):
+    """BT(P) eval data has no chat roles: nothing to probe, said per label, nothing crashes."""
+    acts = np.random.default_rng(0).standard_normal((200, D)).astype(np.float32)
+    path = write_cache_from_arrays(tmp_path / "c", {LAYER: acts}, seq_starts=np.arange(0, 201, 50), regime="bt-p")
+    cache = ActivationCache.open(path)
+    res = probe_layer({"s": load_sae(aligned_sae(tmp_path / "s"))}, cache, LAYER, _all(cache),
+                      ProbeConfig(progress=False))["s"]
+    for label in ("user_vs_assistant", "special_token", "reply_start"):
+        e = res["labels"][label]
+        assert e["n_tasks"] == 0 and e["skipped"] and e["k"] == {} and e["l0"] is None
+    one = write_cache_from_arrays(tmp_path / "one", {LAYER: acts[:50]}, regime="fast")  # a single document
+    one_cache = ActivationCache.open(one)
+    res = probe_layer({"s": load_sae(aligned_sae(tmp_path / "s2"))}, one_cache, LAYER, _all(one_cache),
+                      ProbeConfig(progress=False))["s"]
+    assert "a by-document split needs 2" in res["labels"]["reply_start"]["skipped"]

@@ -229,10 +229,12 @@ def collect_top_examples(sae: Any, cache: ActivationCache, top_n: int = 5, *, la
     seq_of_token, starts = cache.sequence_of_token(), cache.seq_starts()
     ranges = token_ranges if token_ranges is not None else [(0, cache.n_tokens)]
     index = np.concatenate([np.arange(a, b) for a, b in ranges]) if ranges else np.zeros(0, np.int64)
-    eligible, copies = None, np.zeros(cache.n_tokens, dtype=np.int64)
+    eligible, copies = None, np.zeros(cache.n_tokens, dtype=np.int32)
     if distinct_window is not None:
-        first, n_copies = first_contexts(context_keys(cache.token_ids(), starts, seq_of_token, index,
-                                                      distinct_window))
+        ids, step = cache.token_ids(), 1 << 22  # hashed in slices: a few arrays of one slice at a time
+        keys = np.concatenate([context_keys(ids, starts, seq_of_token, index[i:i + step], distinct_window)
+                               for i in range(0, len(index), step)]) if len(index) else np.zeros(0, np.uint64)
+        first, n_copies = first_contexts(keys)
         eligible = np.zeros(cache.n_tokens, dtype=bool)
         eligible[index], copies[index] = first, n_copies
     collector = TopKCollector(d_sae, top_n, seq_of_token, eligible)
