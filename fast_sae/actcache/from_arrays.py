@@ -24,6 +24,8 @@ def write_cache_from_arrays(path: str | Path | RemotePath, acts: dict[int, np.nd
                             regime: str = "fast", model_id: str = "synthetic", dataset: str = "synthetic",
                             tokenizer: Any | None = None, n_model_layers: int | None = None,
                             options: dict[str, str] | None = None) -> Path | RemotePath:
+    """A complete cache of ``acts`` (layer -> (n, d_model)); one document per sequence unless ``doc_ids``
+    (n,) says otherwise (e.g. BT blocks that span documents)."""
     layers = sorted(acts)
     n, d = acts[layers[0]].shape
     if seq_starts is None:

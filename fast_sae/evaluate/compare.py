@@ -19,6 +19,7 @@ from typing import Any
 from .errors import EvalError
 from .frontier import FILTERS, matched, plot_curves, plot_frontiers, regime_order
 from .plots import metric_by_regime
+from .probe_tables import compare_lines, matched_probes
 from .report import _get, _json_safe, fmt, judge_meaningful, read_report
 
 # the per-SAE table of a group: (label, dotted path, format)
@@ -111,7 +112,8 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"key": list(key), "title": f"{model} · layer {layer} · {arch} · d_sae {d_sae} · eval on {ev} "
                                                f"(`{ev_cache}`)",
                     "regimes": {reg: [r["name"] for r in rs] for reg, rs in by_regime.items()},
-                    "matched": matched(by_regime), "saes": saes, "notes": _notes(by_regime),
+                    "matched": matched(by_regime), "probes": matched_probes(by_regime), "saes": saes,
+                    "notes": _notes(by_regime),
                     "judge": None if not judged else {"meaningful": judge_meaningful(judged),
                                                       "note": next((_get(r, "interpretability.judge.note")
                                                                     for r in judged
@@ -180,6 +182,7 @@ def render_markdown(groups: list[dict[str, Any]]) -> str:
         parts += ["### At matched L0", ""] + _matched_table(g) + [""]
         parts += [f"- {summary_line(m)}" for m in g["matched"] if m["metric"] == "log2 MSE_st" or
                   m["filter"] == FILTERS[0][0]] + [""]
+        parts += compare_lines(g)
         parts += ["### Every SAE", ""] + _sae_table(g) + [""]
         if g.get("plots"):
             parts += [f"![{k}]({Path(v).name})" for k, v in g["plots"].items()] + [""]

@@ -15,6 +15,7 @@ from fast_sae.options import setting
 from .downstream import DownstreamConfig
 from .errors import EvalError
 from .interpret.config import JudgeConfig
+from .probes import ProbeConfig
 from .reconstruction import ReconstructionConfig
 from .sources import parse_range
 
@@ -95,6 +96,7 @@ class EvalConfig:
     intervention: InterventionSettings = setting(default_factory=InterventionSettings, prefix="steer-",
                                                  help="Special-token intervention.")
     judge: JudgeConfig = setting(default_factory=JudgeConfig, prefix="judge-", help="The LLM judge.")
+    probes: ProbeConfig = setting(default_factory=ProbeConfig, prefix="probe-", help="Chat-structure probes.")
 
     def __post_init__(self) -> None:
         """One --device and --progress for every part; 0 tokens means no cap."""
@@ -102,9 +104,10 @@ class EvalConfig:
             import torch
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        for part in (self.reconstruction, self.downstream, self.judge):
+        for part in (self.reconstruction, self.downstream, self.judge, self.probes):
             part.device = self.device
-        self.reconstruction.progress = self.downstream.progress = self.progress
+        self.reconstruction.progress = self.downstream.progress = self.probes.progress = self.progress
+        self.probes.check()
         if not self.max_eval_tokens:
             self.max_eval_tokens = None
         if self.max_eval_tokens is not None and self.max_eval_tokens < 0:

@@ -78,6 +78,24 @@ def common_l0(ranges: Sequence[tuple[float, float]], n: int = N_MATCHED) -> list
     return [float(v) for v in np.exp(np.linspace(math.log(lo), math.log(hi), n))]
 
 
+def match_at_l0(points: dict[str, list[tuple[float, float]]], higher_is_better: bool = False,
+                margin: float = 0.0) -> dict[str, Any]:
+    """Regimes' (L0, value) points (sorted by L0) compared at common L0 values: their ranges, the grid, each
+    regime's interpolated values and the best regime per grid value (None on a tie or a lead <= ``margin``)."""
+    pts = {r: p for r, p in points.items() if p}
+    ranges = {r: (p[0][0], p[-1][0]) for r, p in pts.items()}
+    grid = common_l0(list(ranges.values())) if len(pts) > 1 else []
+    values = {r: [interpolate(p, x) for x in grid] for r, p in pts.items()}
+    best: list[str | None] = []
+    for i in range(len(grid)):
+        col: dict[str, float] = {r: v for r, vs in values.items() if (v := vs[i]) is not None}
+        ranked = sorted(col, key=lambda r: col[r], reverse=higher_is_better)
+        lead = abs(col[ranked[0]] - col[ranked[1]]) if len(ranked) > 1 else float("inf")
+        best.append(ranked[0] if ranked and lead > margin else None)
+    return {"points": {r: [list(p) for p in v] for r, v in pts.items()},
+            "ranges": {r: list(v) for r, v in ranges.items()}, "l0": grid, "values": values, "best": best}
+
+
 def matched(by_regime: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per (filter, metric): the regimes' ranges, the common L0 values and each regime's interpolated log2 MSE."""
     regimes = regime_order(list(by_regime))
@@ -85,20 +103,8 @@ def matched(by_regime: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for filt, label, key in FILTERS:
         for metric, subset in METRICS:
             pts = {r: frontier_points(by_regime[r], key, subset) for r in regimes}
-            pts = {r: p for r, p in pts.items() if p}
-            ranges = {r: (p[0][0], p[-1][0]) for r, p in pts.items()}
-            grid = common_l0(list(ranges.values())) if len(pts) > 1 else []
-            values = {r: [interpolate(p, x) for x in grid] for r, p in pts.items()}
-            best: list[str | None] = []
-            for i in range(len(grid)):
-                col: dict[str, float] = {r: v for r, vs in values.items() if (v := vs[i]) is not None}
-                low = min(col.values()) if col else None
-                winners = [r for r, v in col.items() if v == low]
-                best.append(winners[0] if len(winners) == 1 else None)
-            out.append({"filter": filt, "filter_label": label, "metric": metric, "subset": subset,
-                        "points": {r: [list(p) for p in v] for r, v in pts.items()},
-                        "ranges": {r: list(v) for r, v in ranges.items()}, "l0": grid, "values": values,
-                        "best": best})
+            out.append({"filter": filt, "filter_label": label, "metric": metric, "subset": subset}
+                       | match_at_l0(pts))
     return out
 
 

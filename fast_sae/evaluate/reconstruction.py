@@ -191,8 +191,7 @@ class TokenView:
 
     @classmethod
     def of(cls, cache: ActivationCache, selection: EvalSelection) -> TokenView:
-        runs = selection.token_runs()
-        index = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, np.int64)
+        index = selection.token_index()
         starts = selection.seq_starts
         local_of = np.full(len(starts) - 1, -1, dtype=np.int64)
         local_of[selection.sequences] = np.arange(len(selection.sequences))

@@ -224,6 +224,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             ("loss rec. no pos 0", "downstream.filters.no_pos0.loss_recovered", ".3f"),
             ("loss rec. ★", "downstream.filters.no_prefix.loss_recovered", ".3f"),
             ("cache match err", "downstream.cache_match_rel_err", ".1e")]), ""]
+    from .probe_tables import report_lines  # imported here: probe_tables builds on this module's helpers
+
+    parts += report_lines(rows)
     parts += _interpretability_section(rows)
     iv = [r for r in rows if r.get("intervention")]
     if iv:

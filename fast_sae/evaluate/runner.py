@@ -1,5 +1,5 @@
-"""``run_evaluation``: every SAE × every eval cache -> reconstruction, downstream, interpretability,
-intervention -> report.json, report.md, plots.
+"""``run_evaluation``: every SAE × every eval cache -> reconstruction, downstream, chat-structure probes,
+interpretability, intervention -> report.json, report.md, plots.
 
 Why a function apart from the CLI: tests and notebooks call it with a dataclass config; the CLI
 only parses flags into that config and prints. All inputs are checked before any long pass runs
@@ -146,6 +146,7 @@ def _settings(cfg: EvalConfig, plans: list[CachePlan]) -> dict[str, Any]:
             "interpret": asdict(cfg.interpret) if cfg.interpret.enabled else None,
             "intervention": asdict(cfg.intervention) if cfg.intervention.enabled else None,
             "judge": cfg.active_judge.describe() if cfg.active_judge else None,
+            "probes": asdict(cfg.probes) if cfg.probes.enabled else None,
             "headline_filter": HEADLINE_FILTER}
 
 
@@ -175,7 +176,7 @@ def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n
                             "training_overlap": plan.overlap[e.name], "normalization": facts.normalization,
                             "training_dataset": facts.dataset, "training": training_summary(e.path),
                             "reconstruction": res.to_dict() | {"feature_frequency_file": str(freq_file)},
-                            "downstream": None, "interpretability": None, "intervention": None}
+                            "downstream": None, "interpretability": None, "intervention": None, "probes": None}
     if cfg.downstream.enabled:
         model_id = cfg.model or cache.meta.model_id
         down = evaluate_downstream(models[model_id][0], {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
@@ -209,6 +210,9 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     rows_by_cache = {str(p.cache.path): _evaluate_cache(cfg, entries, p, len(plans), models, report, log)
                      for p in plans}
     rows = [by_name[e.name] for by_name in rows_by_cache.values() for e in entries]
+    if cfg.probes.enabled:
+        for p in plans:
+            _probe(cfg, entries, p, rows_by_cache[str(p.cache.path)], log)
     try:
         if cfg.interpret.enabled:
             _interpret(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], models, log)
@@ -257,6 +261,21 @@ def _interpret(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: 
                                        judge=judge, seed=settings.seed, judge_model=judge_model,
                                        token_ranges=plan.held_out.token_runs(), name=str(e.path))
         row["interpretability"] = {k: v for k, v in summary.items() if k != "features"}
+
+
+def _probe(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
+           log: Callable[[str], None]) -> None:
+    """Chat-structure sparse probes of every SAE on the eval tokens of one cache (evaluate.probes)."""
+    from .interpret.top_examples import TokenRenderer
+    from .probes import probe_layer
+
+    render = TokenRenderer.for_cache(plan.cache)
+    for layer in sorted({e.layer for e in entries}):
+        group = [e for e in entries if e.layer == layer]
+        log(f"chat-structure probes: {len(group)} SAE(s) at layer {layer} on {plan.cache.path}")
+        results = probe_layer({e.name: e.sae for e in group}, plan.cache, layer, plan.selection, cfg.probes, render)
+        for e in group:
+            rows[e.name]["probes"] = results[e.name]
 
 
 def _intervene(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],

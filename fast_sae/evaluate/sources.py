@@ -226,6 +226,11 @@ class EvalSelection:
                 runs.append((a, b))
         return runs
 
+    def token_index(self) -> np.ndarray:
+        """The cache indices of the selected tokens, in stream order."""
+        runs = self.token_runs()
+        return np.concatenate([np.arange(a, b) for a, b in runs]) if runs else np.zeros(0, np.int64)
+
     def describe(self) -> dict[str, Any]:
         return {"n_sequences": int(len(self.sequences)), "n_tokens": self.n_tokens, "note": self.note,
                 "first_sequence": int(self.sequences[0]), "last_sequence": int(self.sequences[-1]),

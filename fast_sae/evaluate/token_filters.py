@@ -52,17 +52,22 @@ class TokenFilters:
 
     @classmethod
     def of(cls, cache: ActivationCache, selection: EvalSelection) -> TokenFilters:
+        return cls.of_runs(cache, selection.token_runs())
+
+    @classmethod
+    def of_runs(cls, cache: ActivationCache, runs: list[tuple[int, int]]) -> TokenFilters:
+        """The filters of the tokens in ``runs`` ([start, stop) token ranges of the cache)."""
         doc_ids = cache.doc_ids()
         n = len(doc_ids)
         doc_starts = np.flatnonzero(np.r_[True, doc_ids[1:] != doc_ids[:-1]]) if n else np.zeros(0, np.int64)
         doc_ends = np.r_[doc_starts[1:], n].astype(np.int64)
         selected = np.zeros(n, bool)
-        for a, b in selection.token_runs():
+        for a, b in runs:
             selected[a:b] = True
         inside = selected[doc_starts] if n else np.zeros(0, bool)
         begins, ends = doc_starts[inside], doc_ends[inside]
         prefix = shared_prefix_length(cache.token_ids(), begins, ends)
-        return cls(seq_starts=selection.seq_starts, doc_starts=doc_starts, prefix_length=prefix,
+        return cls(seq_starts=cache.seq_starts(), doc_starts=doc_starts, prefix_length=prefix,
                    n_documents=int(inside.sum()))
 
     def keep(self, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,6 +79,12 @@ class TokenFilters:
         doc_position = index - self.doc_starts[doc] if len(self.doc_starts) else index
         return {"all_tokens": np.ones(len(index), bool), "no_pos0": not_sink,
                 "no_prefix": not_sink & (doc_position >= self.prefix_length)}
+
+    def in_prefix(self, index: np.ndarray) -> np.ndarray:
+        """Whether each token lies in its document's shared prefix (the tokens ★ leaves out besides position 0)."""
+        index = np.asarray(index, dtype=np.int64)
+        doc = np.searchsorted(self.doc_starts, index, side="right") - 1
+        return (index - self.doc_starts[doc]) < self.prefix_length
 
     def keep_range(self, a: int, b: int) -> dict[str, np.ndarray]:
         return self.keep(np.arange(a, b))

@@ -80,3 +80,46 @@ def save_pca_sae(folder: Path, acts: np.ndarray, layer: int, k: int, **extra: An
     weights = {"W_enc": torch.tensor(w_enc, dtype=torch.float32), "W_dec": torch.tensor(w_enc.T, dtype=torch.float32),
                "b_enc": torch.tensor(-mu @ w_enc, dtype=torch.float32), "b_dec": torch.tensor(mu, dtype=torch.float32)}
     return save_sae(folder, weights, sae_cfg(x.shape[1], 2 * k, layer, **extra))
+
+
+# token ids of the synthetic chat template (chat_stream)
+IM_START, IM_END, NEWLINE, USER_ID, ASSISTANT_ID, SYSTEM_ID = 1, 2, 198, 3, 4, 5
+DEFAULT_SYSTEM = [100, 101, 102, 103, 104]
+
+
+def chat_stream(n_docs: int, seed: int = 0, turns: int = 2, vocab: int = 40) -> dict[str, np.ndarray]:
+    """A synthetic FAST token stream laid out as SmolLM2's template lays out conversations: every
+    conversation starts with the same system block (the template's default system prompt), then
+    ``turns`` user/assistant exchanges whose content draws on one shared vocabulary.
+    Returns ids, roles, doc_ids (one per conversation) and starts (one sequence per conversation)."""
+    from fast_sae.actcache import Role
+
+    rng = np.random.default_rng(seed)
+    sp, tp = int(Role.SPECIAL), int(Role.TEMPLATE)
+    ids: list[int] = []
+    roles: list[int] = []
+    docs: list[int] = []
+    starts = [0]
+
+    def put(tokens: list[int], role: int, doc: int) -> None:
+        ids.extend(tokens)
+        roles.extend([role] * len(tokens))
+        docs.extend([doc] * len(tokens))
+
+    for doc in range(n_docs):
+        put([IM_START], sp, doc)
+        put([SYSTEM_ID, NEWLINE], tp, doc)
+        put(DEFAULT_SYSTEM, int(Role.DEFAULT_SYSTEM), doc)
+        put([IM_END], sp, doc)
+        put([NEWLINE], tp, doc)
+        for _ in range(turns):
+            for who, role, length in ((USER_ID, Role.USER, rng.integers(4, 12)),
+                                      (ASSISTANT_ID, Role.ASSISTANT, rng.integers(6, 20))):
+                put([IM_START], sp, doc)
+                put([who, NEWLINE], tp, doc)
+                put((1000 + rng.integers(0, vocab, size=length)).tolist(), int(role), doc)
+                put([IM_END], sp, doc)
+                put([NEWLINE], tp, doc)
+        starts.append(len(ids))
+    return {"ids": np.array(ids, np.int64), "roles": np.array(roles, np.uint8), "doc_ids": np.array(docs, np.int64),
+            "starts": np.array(starts, np.int64)}

@@ -26,6 +26,8 @@ table.summary td,table.index td,table.index th{padding:.1em .8em .1em 0;text-ali
 .score{font-weight:bold}
 .unmeaningful .score{font-weight:normal;color:#888;text-decoration:line-through}
 .banner{background:#fde8e8;border:1px solid #c00;padding:.5em;margin:.5em 0;font-weight:bold}
+.mark{font-size:.8em;color:#555;border:1px solid #aaa;border-radius:3px;padding:0 3px;margin-left:.3em}
+.rule{color:#555;font-size:.9em;margin:.3em 0}
 """
 
 
@@ -59,6 +61,18 @@ def _token_html(token: str, act: float, scale: float, peak: bool) -> str:
             f'title="{act:.3f}">{text}</span>')
 
 
+def _marks(context: dict) -> list[str]:
+    """What a reader must know about an example: repeated context, template prefix, attention sink."""
+    out = []
+    if context.get("copies", 1) > 1:
+        out.append(f'&times;{context["copies"]} copies')
+    if context.get("in_shared_prefix"):
+        out.append("shared template prefix (not a ★ token)")
+    elif context.get("position") == 0:
+        out.append("position 0 (not a ★ token)")
+    return out
+
+
 def _feature_html(rep: dict, judged: dict | None) -> str:
     k = rep["feature"]
     head = f'<h2 id="f{k}">Feature {k}</h2>'
@@ -76,8 +90,9 @@ def _feature_html(rep: dict, judged: dict | None) -> str:
     for c in rep["contexts"]:
         spans = "".join(_token_html(t, a, scale, i == c["peak"])
                         for i, (t, a) in enumerate(zip(c["tokens"], c["acts"])))
+        marks = "".join(f'<span class="mark">{m}</span>' for m in _marks(c))
         rows.append(f'<div class="ctx" title="sequence {c["sequence"]}, position {c["position"]}">'
-                    f'<b>{c["max_act"]:.2f}</b> {spans}</div>')
+                    f'<b>{c["max_act"]:.2f}</b> {spans}{marks}</div>')
     if not rows:
         rows.append('<div class="meta">no positive activation in the cache</div>')
     return f'<div class="feature" data-feature="{k}">{head}{meta}{"".join(rows)}</div>'
@@ -85,11 +100,12 @@ def _feature_html(rep: dict, judged: dict | None) -> str:
 
 def write_dashboard(path: Path, *, title: str, reports: Sequence[dict], density: np.ndarray,
                     judged: Sequence[dict] | None = None, summary: dict | None = None,
-                    judge_note: str | None = None) -> Path:
+                    judge_note: str | None = None, selection_rule: str | None = None) -> Path:
     """Write the dashboard: a summary table, the density histogram, then one block per feature.
 
     ``judge_note`` (the judge's scores are not meaningful) is shown as a banner and the scores are
-    struck through, so a page read alone cannot be mistaken for a result."""
+    struck through, so a page read alone cannot be mistaken for a result. ``selection_rule`` says how
+    the examples were chosen (``TopExamples.selection_rule``)."""
     by_feature = {r["feature"]: r for r in (judged or [])}
     rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                    for k, v in (summary or {}).items())
@@ -105,6 +121,7 @@ def write_dashboard(path: Path, *, title: str, reports: Sequence[dict], density:
                      f'<td>{rep["max_act"]:.3g}</td><td>{verdict}</td></tr>')
     banner = [f'<div class="banner">Judge scores {html.escape(judge_note)}</div>'] if judge_note else []
     body = [f"<h1>{html.escape(title)}</h1>", *banner, f'<table class="summary">{rows}</table>',
+            *([f'<p class="rule">Top examples: {html.escape(selection_rule)}.</p>'] if selection_rule else []),
             f'<img alt="density histogram" src="data:image/png;base64,{density_histogram_png(density)}">',
             '<table class="index"><tr><th>feature</th><th>density</th><th>max</th><th>judge</th></tr>'
             + "".join(index) + "</table>"]

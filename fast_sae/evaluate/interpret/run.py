@@ -42,8 +42,10 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
     eval sequences): examples and statistics then come from held-out documents only.
 
     1. Stream the SAE's layer of the cache (or ``token_ranges``): per feature the ``top_n``
-       highest-activating contexts (one per sequence, ``window`` tokens either side of the arg-max
-       token), density, max and mean activation.
+       highest-activating contexts (one per sequence and distinct: a token whose id and ``window``
+       ids before it repeat counts once, with its copies; examples in the shared prefix are marked;
+       ``top_examples.py``), shown ``window`` tokens either side of the arg-max token; density, max and
+       mean activation.
     2. Sample ``n_features`` live features (seeded by ``seed``; all live ones if fewer).
     3. If ``judge`` is given, ask the judge (prompt ``fast_sae/evaluate/prompts/judge_v1.md``) for a 1-5
        Activation Consistency score and a name per sampled feature; replies are cached under
@@ -65,7 +67,7 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
     cache = cache_path if isinstance(cache_path, ActivationCache) else ActivationCache.open(cache_path)
     sae_label = name or (str(sae_dir) if not isinstance(sae_dir, LoadedSAE) else "sae")
     layer = sae_layer(sae, cache)
-    top = collect_top_examples(sae, cache, top_n, layer=layer, token_ranges=token_ranges)
+    top = collect_top_examples(sae, cache, top_n, layer=layer, token_ranges=token_ranges, distinct_window=window)
     features = sample_features(top, n_features, seed)
     reports = feature_contexts(sae, cache, top, features, window=window, render=TokenRenderer.for_cache(cache),
                                layer=layer)
@@ -77,6 +79,7 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
     top_file.write_text(json.dumps({
         "sae": sae_label, "cache": str(cache.path), "layer": layer, "d_sae": d_sae, "top_n": top_n,
         "window": window, "seed": seed, "n_tokens": top.stats.n_tokens, "n_live": n_live,
+        "selection_rule": top.selection_rule(), "shared_prefix_length": top.prefix_length,
         "token_ranges": [list(r) for r in token_ranges] if token_ranges is not None else None,
         "density": np.round(top.stats.density, 8).tolist(), "max_act": top.stats.max_act.tolist(),
         "features": reports}, ensure_ascii=False))
@@ -110,12 +113,13 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
                "n_tokens": top.stats.n_tokens, "n_live": n_live, "dead_fraction": 1 - n_live / d_sae,
                "n_features_sampled": len(features), "features": features,
                "judge": judge.describe() if judge else None, "scores": bands, "files": files,
-               "held_out_only": token_ranges is not None}
+               "held_out_only": token_ranges is not None, "selection_rule": top.selection_rule()}
     dash = write_dashboard(out_dir / "dashboard.html", title=f"SAE features: {Path(sae_label).name} (layer {layer})",
                            reports=reports, density=top.stats.density, judged=records,
                            summary={k: summary[k] for k in ("sae", "cache", "layer", "d_sae", "n_tokens", "n_live")}
                            | ({"top_range_share (4-5)": bands["top_range_share"]} if bands else {}),
-                           judge_note=None if judge is None or judge.scores_meaningful else NOT_MEANINGFUL)
+                           judge_note=None if judge is None or judge.scores_meaningful else NOT_MEANINGFUL,
+                           selection_rule=top.selection_rule())
     files["dashboard"] = str(dash)
     summary["seconds"] = round(time.time() - t0, 2)
     return summary

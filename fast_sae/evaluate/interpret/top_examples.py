@@ -17,6 +17,24 @@ How (exact and vectorised; no Python loop over features or tokens):
 Density (share of tokens with activation > 0), max and mean activation are accumulated alongside.
 With ``token_ranges`` only those tokens are read (an evaluation passes its held-out sequences, so a
 feature's examples never come from the SAE's training data).
+
+**Distinct contexts** (``distinct_window``, default 8 = the dashboard's window): one per sequence is
+not enough on chat data. Every FAST conversation of SmolLM2 opens with the same default system
+prompt, so a feature that peaks there had five top "examples" that were one context five times
+(feature 19 of the demo's TopK k=32 SAE); a reader or a judge learns nothing from the copies. So
+two tokens with the same id and the same ``distinct_window`` token ids before them (clipped to
+the sequence) count as one context: only its first occurrence in the stream may be a top example,
+and the example records its number of ``copies``. Why the tokens before, not the window either
+side and not one example per document: a decoder's activation at a token is a function of the
+tokens up to it, so equal histories are equal evidence about the feature (in the shared prefix of
+FAST sequences the activations are identical, while a two-sided window around a peak near the
+prefix's end would reach into each conversation and miss the copies); and the same history
+recurs across documents (the default system prompt of every conversation in a BT block), which
+one-per-document would not catch. Contexts are compared by a 64-bit hash (a collision, chance
+~n²/2⁶⁵, would merge two contexts). Examples in the shared template prefix are kept, once, and
+marked (``in_shared_prefix``: inside the token prefix every document read starts with, the tokens the
+★ filter leaves out; position 0 is in ``position``): a template feature should still show its
+template context.
 """
 from __future__ import annotations
 
@@ -28,6 +46,8 @@ import numpy as np
 import torch
 
 from fast_sae.actcache import ActivationCache, CacheError
+
+from ..token_filters import TokenFilters
 
 # Elements of the [tokens, d_sae] activation block processed at once (~64 MB as float32 + int64 scratch).
 _BLOCK_ELEMENTS = 1 << 23
@@ -55,16 +75,53 @@ class TopExamples:
     token_index: np.ndarray  # (d_sae, top_n) int64
     seq_index: np.ndarray  # (d_sae, top_n) int64
     stats: FeatureStats
+    copies: np.ndarray | None = None  # (d_sae, top_n) tokens read with the same context (0: empty slot)
+    prefix_length: int = 0  # the token prefix every document read shares (token_filters.py)
+    filters: TokenFilters | None = None  # the ★ rule of the tokens read
+    distinct_window: int | None = None  # the context deduplication's window (None: one per sequence only)
+
+    def selection_rule(self) -> str:
+        """How the examples were chosen, in words (the dashboard and top_examples.json say it)."""
+        rule = "the highest-activating token of each sequence, one example per sequence"
+        if self.distinct_window is not None:
+            rule += (f"; tokens with the same id and the same {self.distinct_window} token ids before them count "
+                     f"once: the first copy is shown with its number of copies")
+        return rule + (f"; examples inside the {self.prefix_length}-token prefix every sequence shares (left out "
+                       f"by the ★ filter) are marked" if self.prefix_length else "")
+
+
+def context_keys(ids: np.ndarray, seq_starts: np.ndarray, seq_of_token: np.ndarray, index: np.ndarray,
+                 window: int) -> np.ndarray:
+    """A 64-bit hash per token of ``index``: its id and the ``window`` ids before it, clipped to its sequence."""
+    seq = seq_of_token[index]
+    lo = seq_starts[seq]
+    h = np.full(len(index), 0xCBF29CE484222325, dtype=np.uint64)
+    prime, shift = np.uint64(0x100000001B3), np.uint64(29)
+    for offset in range(-window, 1):
+        j = index + offset
+        v = np.where(j >= lo, ids[np.maximum(j, 0)].astype(np.int64) + 1, 0).astype(np.uint64)
+        h = (h ^ v) * prime
+        h ^= h >> shift
+    return h
+
+
+def first_contexts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each token is the first of its context in stream order, how many tokens share its context)."""
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    return first[inverse] == np.arange(len(keys)), counts[inverse]
 
 
 class TopKCollector:
     """Running per-feature top-``top_n`` table; feed it consecutive token blocks with ``update``."""
 
-    def __init__(self, d_sae: int, top_n: int, seq_of_token: np.ndarray) -> None:
+    def __init__(self, d_sae: int, top_n: int, seq_of_token: np.ndarray, eligible: np.ndarray | None = None) -> None:
+        """``eligible`` (per cache token, optional): which tokens may be an example (the first copy of each
+        context); statistics count every token."""
         if top_n < 1:
             raise ValueError("top_n must be >= 1")
         self.d_sae, self.top_n = d_sae, top_n
         self.seq_of_token = torch.as_tensor(np.asarray(seq_of_token, dtype=np.int64))
+        self.eligible = None if eligible is None else torch.as_tensor(np.asarray(eligible, dtype=bool))
         self.values = torch.full((d_sae, top_n), -torch.inf)
         self.tokens = torch.full((d_sae, top_n), -1, dtype=torch.int64)
         self.seqs = torch.full((d_sae, top_n), -1, dtype=torch.int64)
@@ -86,6 +143,9 @@ class TopKCollector:
         self.max_act = torch.maximum(self.max_act, acts.max(0).values)
         self.sum_act += acts.sum(0).double()  # float32 within a block, float64 across blocks
         self.n_tokens += b
+        if self.eligible is not None:  # a later copy of a context cannot be an example
+            ok = self.eligible[start:start + b].to(acts.device)
+            acts = acts.masked_fill(~ok[:, None], -torch.inf)
 
         seq = self.seq_of_token[start:start + b]
         uniq, counts = torch.unique_consecutive(seq, return_counts=True)  # sequences are contiguous
@@ -159,18 +219,35 @@ def iter_token_blocks(cache: ActivationCache, layer: int, token_ranges: list[tup
 
 @torch.no_grad()
 def collect_top_examples(sae: Any, cache: ActivationCache, top_n: int = 5, *, layer: int | None = None,
-                         block_tokens: int | None = None,
-                         token_ranges: list[tuple[int, int]] | None = None) -> TopExamples:
+                         block_tokens: int | None = None, token_ranges: list[tuple[int, int]] | None = None,
+                         distinct_window: int | None = 8) -> TopExamples:
     """One streaming pass over the cache layer the SAE reads (or its ``token_ranges``); returns the top
-    table and statistics over the tokens read."""
+    table and statistics over the tokens read. Examples are distinct contexts (module docstring) unless
+    ``distinct_window`` is None (then only one per sequence)."""
     layer = sae_layer(sae, cache) if layer is None else layer
     d_sae = int(sae.d_sae)
     block = block_tokens or max(64, _BLOCK_ELEMENTS // max(d_sae, 1))
-    collector = TopKCollector(d_sae, top_n, cache.sequence_of_token())
+    seq_of_token, starts = cache.sequence_of_token(), cache.seq_starts()
+    ranges = token_ranges if token_ranges is not None else [(0, cache.n_tokens)]
+    index = np.concatenate([np.arange(a, b) for a, b in ranges]) if ranges else np.zeros(0, np.int64)
+    eligible, copies = None, np.zeros(cache.n_tokens, dtype=np.int32)
+    if distinct_window is not None:
+        ids, step = cache.token_ids(), 1 << 22  # hashed in slices: a few arrays of one slice at a time
+        keys = np.concatenate([context_keys(ids, starts, seq_of_token, index[i:i + step], distinct_window)
+                               for i in range(0, len(index), step)]) if len(index) else np.zeros(0, np.uint64)
+        first, n_copies = first_contexts(keys)
+        eligible = np.zeros(cache.n_tokens, dtype=bool)
+        eligible[index], copies[index] = first, n_copies
+    collector = TopKCollector(d_sae, top_n, seq_of_token, eligible)
     device = sae.W_enc.device
     for start, rows in iter_token_blocks(cache, layer, token_ranges, block):
         collector.update(start, sae.encode(torch.from_numpy(rows).to(device)))
-    return collector.result()
+    top = collector.result()
+    top.copies = np.where(top.token_index >= 0, copies[np.maximum(top.token_index, 0)], 0)
+    top.filters = TokenFilters.of_runs(cache, list(ranges))
+    top.prefix_length = top.filters.prefix_length
+    top.distinct_window = distinct_window
+    return top
 
 
 class TokenRenderer:
@@ -210,7 +287,7 @@ def feature_contexts(sae: Any, cache: ActivationCache, top: TopExamples, feature
     out = []
     for k in features:
         contexts = []
-        for value, tok, seq in zip(top.values[k], top.token_index[k], top.seq_index[k]):
+        for slot, (value, tok, seq) in enumerate(zip(top.values[k], top.token_index[k], top.seq_index[k])):
             if not value > 0:
                 continue
             lo, hi = max(int(starts[seq]), int(tok) - window), min(int(starts[seq + 1]), int(tok) + window + 1)
@@ -221,6 +298,9 @@ def feature_contexts(sae: Any, cache: ActivationCache, top: TopExamples, feature
                 "sequence": int(seq), "token_index": int(tok), "position": int(positions[tok]),
                 "max_act": float(value), "peak": int(tok) - lo, "token_ids": window_ids,
                 "tokens": [render(i) for i in window_ids], "acts": [float(a) for a in acts],
+                "copies": int(top.copies[k][slot]) if top.copies is not None else 1,
+                "in_shared_prefix": bool(top.filters.in_prefix(np.array([tok]))[0]) if top.filters is not None
+                else bool(positions[tok] < top.prefix_length),
             })
         out.append({"feature": int(k), "density": float(top.stats.density[k]),
                     "max_act": float(top.stats.max_act[k]), "mean_act": float(top.stats.mean_act[k]),

@@ -27,6 +27,8 @@ def test_run_interpretability_with_http_judge_and_rerun_from_cache(synthetic, ch
     scores = json.loads((out / "judge_scores.json").read_text())
     html = (out / "dashboard.html").read_text()
     assert len(top["density"]) == 24 and top["top_n"] == 3 and len(top["features"]) == 4
+    assert top["selection_rule"] == summary["selection_rule"] and "2 token ids before" in top["selection_rule"]
+    assert "Top examples: the highest-activating token of each sequence" in html
     assert [f["feature"] for f in top["features"]] == summary["features"] == sorted(summary["features"])
     for f in top["features"]:
         assert 1 <= len(f["contexts"]) <= 3 and all(len(c["tokens"]) <= 5 for c in f["contexts"])

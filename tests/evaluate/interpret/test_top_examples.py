@@ -16,13 +16,27 @@ from fast_sae.evaluate.interpret.top_examples import (
 from fast_sae.saeio import load_sae, save_sae
 
 
-def brute_force(feats: np.ndarray, starts: np.ndarray, top_n: int):
-    """Per feature: sequences sorted by their max activation (desc), with the first arg-max token."""
+def first_copies(ids: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    """Per token, exactly (tuples, no hash): whether no earlier token has the same id and ``window`` ids before."""
+    seen, first = set(), np.zeros(len(ids), dtype=bool)
+    for s in range(len(starts) - 1):
+        a, b = int(starts[s]), int(starts[s + 1])
+        for t in range(a, b):
+            ctx = tuple(ids[max(a, t - window):t + 1].tolist())
+            first[t] = ctx not in seen
+            seen.add(ctx)
+    return first
+
+
+def brute_force(feats: np.ndarray, starts: np.ndarray, top_n: int, eligible: np.ndarray | None = None):
+    """Per feature: sequences sorted by their max activation (desc), with the first arg-max token; with
+    ``eligible``, only over those tokens."""
     out = []
     for k in range(feats.shape[1]):
         rows = []
+        col = feats[:, k] if eligible is None else np.where(eligible, feats[:, k], -np.inf)
         for s in range(len(starts) - 1):
-            seg = feats[starts[s]:starts[s + 1], k]
+            seg = col[starts[s]:starts[s + 1]]
             rows.append((float(seg.max()), int(starts[s] + seg.argmax()), s))
         rows.sort(key=lambda r: -r[0])
         out.append([r for r in rows[:top_n] if r[0] > 0])
@@ -63,7 +77,7 @@ def test_density_max_mean_on_known_values(tmp_path):
                                              "b_dec": torch.zeros(d)},
                             {"architecture": "standard", "d_in": d, "d_sae": d, "hook_name": "blocks.0.hook_resid_post",
                              "hook_layer": 0}))
-    top = collect_top_examples(sae, cache, top_n=2, block_tokens=3)
+    top = collect_top_examples(sae, cache, top_n=2, block_tokens=3, distinct_window=None)  # every id is 0
     np.testing.assert_allclose(top.stats.density, [0.3, 0.0, 0.1, 1.0])
     np.testing.assert_allclose(top.stats.max_act, [5.0, 0.0, 0.5, 2.0])
     np.testing.assert_allclose(top.stats.mean_act, [0.8, 0.0, 0.05, 2.0])
@@ -112,9 +126,49 @@ def test_top_examples_on_a_real_fast_cache(fast_cache, tmp_path):
     with torch.no_grad():
         feats = sae.encode(torch.from_numpy(np.array(acts, dtype=np.float32))).numpy()
     top = collect_top_examples(sae, cache, top_n=5, block_tokens=300)
-    expected = brute_force(feats, cache.seq_starts(), 5)
+    # every conversation opens with the same system prompt: only its first copy may be an example
+    eligible = first_copies(cache.token_ids(), cache.seq_starts(), 8)
+    assert not eligible.all()
+    expected = brute_force(feats, cache.seq_starts(), 5, eligible)
     for k in range(32):
         got = [(int(t), int(s)) for v, t, s in zip(top.values[k], top.token_index[k], top.seq_index[k]) if v > 0]
         assert got == [e[1:] for e in expected[k]], k
     np.testing.assert_allclose(top.stats.density, (feats > 0).mean(0))
     np.testing.assert_allclose(top.stats.max_act, feats.max(0), rtol=1e-6)
+
+
+def test_a_shared_prefix_peak_gives_distinct_contexts(tmp_path):
+    """Six conversations open with the same 20 tokens, where feature 0 peaks (as on the template's default
+    system prompt of every FAST conversation): the five examples are five different contexts, the prefix one
+    shown once, marked, with its six copies. (Before: five copies of the same window.)"""
+    rng = np.random.default_rng(0)
+    prefix = [1, 5, 198, *range(100, 115), 2, 198]
+    n_seq, length = 6, 40
+    ids = np.concatenate([prefix + rng.integers(1000, 2000, size=length - len(prefix)).tolist()
+                          for _ in range(n_seq)])
+    acts = np.zeros((n_seq * length, 2), np.float32)
+    for s in range(n_seq):
+        acts[s * length + 9, 0] = 9.0  # the peak, identical in every sequence's prefix
+        acts[s * length + len(prefix):(s + 1) * length, 0] = rng.uniform(0.5, 5.0, size=length - len(prefix))
+    starts = np.arange(0, n_seq * length + 1, length)
+    cache = ActivationCache.open(write_cache_from_arrays(tmp_path / "c", {0: acts}, seq_starts=starts, token_ids=ids,
+                                                         chunk_tokens=64))
+    eye = torch.eye(2)
+    sae = load_sae(save_sae(tmp_path / "s", {"W_enc": eye, "W_dec": eye.clone(), "b_enc": torch.zeros(2),
+                                             "b_dec": torch.zeros(2)},
+                            {"architecture": "standard", "d_in": 2, "d_sae": 2, "hook_name": "blocks.0.hook_resid_post",
+                             "hook_layer": 0}))
+    top = collect_top_examples(sae, cache, top_n=5, block_tokens=64)
+    (rep,) = feature_contexts(sae, cache, top, [0], window=8, render=TokenRenderer(None))
+    contexts = rep["contexts"]
+    assert len(contexts) == 5
+    assert len({(tuple(c["token_ids"]), c["peak"]) for c in contexts}) == 5  # five different windows
+    assert len({tuple(ids[c["token_index"] - 8:c["token_index"] + 1]) for c in contexts}) == 5  # and histories
+    first = contexts[0]
+    assert (first["sequence"], first["position"], first["max_act"]) == (0, 9, 9.0)
+    assert first["in_shared_prefix"] and first["copies"] == 6 and top.prefix_length == len(prefix)
+    assert not any(c["in_shared_prefix"] for c in contexts[1:]) and all(c["copies"] == 1 for c in contexts[1:])
+    assert [c["max_act"] for c in contexts[1:]] == sorted((c["max_act"] for c in contexts[1:]), reverse=True)
+    assert "count once" in top.selection_rule() and "20-token prefix" in top.selection_rule()
+    # statistics still count every copy
+    assert top.stats.max_act[0] == 9.0 and top.stats.density[0] == pytest.approx(21 / length)
