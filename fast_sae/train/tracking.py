@@ -9,9 +9,11 @@ dozens of runs in one process and split a resume over as many ids. What one-run-
 (``eval/saes``, one row per SAE, e.g. for an L0-MSE scatter) and each SAE's held-out scores are
 summary keys (``<sae>/eval/<metric>``).
 
-Cost: only the rows ``metrics.jsonl`` gets, at the same ``--log-every`` points, already computed;
-``wandb.log`` hands them to W&B's own service process (under a millisecond), so steps are not
-slowed (bench/tracking.py measures it). W&B starts in ~1 s at the start of the run.
+Cost: only the rows ``metrics.jsonl`` gets, at the same ``--log-every`` points, already computed,
+and the training thread only queues them: a sender thread hands them to wandb (which passes them
+to its own service process) and keeps the resume state, so a step never waits for W&B, even on a
+machine so loaded that a wandb call or a file write takes tens of milliseconds (bench/tracking.py
+measures it). W&B starts in ~1-2 s at the start of the run, before the first step.
 
 Never fails a run: wandb is optional (``pip install fast-sae[tracking]``) and every call to it is
 guarded; the first error (no wandb, no API key, the W&B service gone, a full disk...) is one
@@ -28,6 +30,8 @@ those folders uploads them as the one run (printed at the end).
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,9 +70,13 @@ class Tracker:
         self.echo = echo
         self.enabled = cfg.wandb_project is not None and cfg.wandb_mode != "disabled"
         self.seconds = 0.0  # spent in wandb calls (start and finish included), for the end-of-run line
+        self.log_seconds = 0.0  # spent by the training thread at the --log-every points (queueing)
         self.points = 0  # logging steps sent
         self._run: Any = None
         self._last = 0  # the last step the W&B run holds
+        # history rows by step, a threading.Event to set once all before it are sent, or None: stop
+        self._queue: queue.Queue[dict[int, dict[str, Any]] | threading.Event | None] = queue.Queue()
+        self._sender: threading.Thread | None = None
 
     # ------------------------------------------------------------------ guard
     @contextmanager
@@ -144,13 +152,39 @@ class Tracker:
             self.echo(f"wandb: run {self._run.id} ({where}), "
                       + (f"continued after step {self._last}" if state else "new"))
         if self.enabled:
-            old = history_rows([r for r in read_metrics(metrics_file) if r.get("step", 0) <= start_step])
-            self._send(old)
+            self._sender = threading.Thread(target=self._send_queued, name="wandb-sender", daemon=True)
+            self._sender.start()
+            self._queue.put(history_rows([r for r in read_metrics(metrics_file) if r.get("step", 0) <= start_step]))
 
     def log(self, rows: list[dict[str, Any]]) -> None:
-        """The rows just appended to metrics.jsonl (one logging step, every SAE)."""
-        if self.enabled:
-            self._send(history_rows(rows))
+        """The rows just appended to metrics.jsonl (one logging step, every SAE): queued for the sender."""
+        if self.enabled and self._sender is not None:
+            t = time.perf_counter()
+            self._queue.put(history_rows(rows))
+            self.log_seconds += time.perf_counter() - t
+
+    def flush(self, timeout: float = 60.0) -> None:
+        """Wait until the sender has handed every queued step to wandb; a W&B that takes longer than
+        ``timeout`` seconds is given up (one warning)."""
+        if self._sender is None or not self.enabled:
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout):
+            self.echo(f"warning: W&B tracking stopped (wandb took over {timeout:.0f} s to take the last points); "
+                      f"{self.run_dir / 'metrics.jsonl'} has every point")
+            self.enabled = False
+
+    def _send_queued(self) -> None:
+        """The sender thread: every queued history, in order, until told to stop."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+            elif self.enabled:
+                self._send(item)
 
     def _send(self, steps: dict[int, dict[str, Any]]) -> None:
         new = [s for s in sorted(steps) if s > self._last]
@@ -165,6 +199,7 @@ class Tracker:
 
     def summary(self, rows: list[dict[str, Any]], steps: int, tokens: int) -> None:
         """The end-of-run table: ``<sae>/eval/<metric>`` summary keys and the ``eval/saes`` table."""
+        self.flush()
         if not self.enabled:
             return
         with self._guard("wandb summary"):
@@ -179,6 +214,10 @@ class Tracker:
 
     def finish(self, failed: bool = False) -> None:
         """Close the W&B run (and say how to upload an offline one)."""
+        self.flush()
+        if self._sender is not None:
+            self._queue.put(None)
+            self._sender = None
         if not self.enabled or self._run is None:
             return
         run_id, offline = self._run.id, self._run.offline
@@ -186,7 +225,8 @@ class Tracker:
             self._run.finish(exit_code=1 if failed else 0)
             self._run = None
         if self.enabled:
-            self.echo(f"wandb: {self.points} logging steps sent, {self.seconds:.2f} s in wandb calls")
+            self.echo(f"wandb: {self.points} logging steps sent, {self.seconds:.2f} s in wandb calls (start, "
+                      f"sender, finish); {self.log_seconds:.4f} s at the training thread's log points")
             if offline:
                 entity = f" -e {self.cfg.wandb_entity}" if self.cfg.wandb_entity else ""
                 self.echo(f"wandb: offline run; upload it with: wandb sync --id {run_id} -p {self.cfg.wandb_project}"

@@ -169,6 +169,7 @@ def test_the_wandb_service_dying_mid_run_is_one_warning(tmp_path, monkeypatch):
     assert tracker.enabled, lines
     row = {"step": 5, "tokens": 50, "split": "train", "sae": "A", "mse": 1.0, "lr": 0.1}
     tracker.log([row])
+    tracker.flush()
     service = [p for p in _children() - before if Path(f"/proc/{p}/comm").read_text().strip() == "wandb-core"]
     assert len(service) == 1
     os.kill(service[0], signal.SIGKILL)
