@@ -13,7 +13,7 @@ Cost: only the rows ``metrics.jsonl`` gets, at the same ``--log-every`` points, 
 and the training thread only queues them: a sender thread hands them to wandb (which passes them
 to its own service process) and keeps the resume state, so a step never waits for W&B, even on a
 machine so loaded that a wandb call or a file write takes tens of milliseconds (bench/tracking.py
-measures it). W&B starts in ~1-2 s at the start of the run, before the first step.
+measures it). W&B starts once, before the first step (~2 s; more on a loaded machine).
 
 Never fails a run: wandb is optional (``pip install fast-sae[tracking]``) and every call to it is
 guarded; the first error (no wandb, no API key, the W&B service gone, a full disk...) is one
