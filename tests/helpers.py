@@ -28,10 +28,10 @@ def train_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
 
 
-def run_train(*args: str, nproc: int = 1, workdir: Path | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
-    """Train in a real subprocess (``nproc`` > 1: under torchrun, gloo, with its script in ``workdir``);
-    a failure is an AssertionError with the tail of stderr."""
+def run_train(*args: str, nproc: int = 1, workdir: Path | None = None, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Train in a real subprocess (``nproc`` > 1: under torchrun, gloo, with its script in ``workdir``;
+    ``env``: extra environment variables); a failure is an AssertionError with the tail of stderr."""
     if nproc == 1:
         cmd = [sys.executable, "-c", TRAIN_RUNNER, *args]
     else:
@@ -40,6 +40,7 @@ def run_train(*args: str, nproc: int = 1, workdir: Path | None = None,
         script.write_text(TRAIN_RUNNER.replace("; ", "\n"))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                str(script), *args]
-    proc = subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env={**train_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

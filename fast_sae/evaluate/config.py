@@ -17,7 +17,7 @@ from .errors import EvalError
 from .interpret.config import JudgeConfig
 from .probes import ProbeConfig
 from .reconstruction import ReconstructionConfig
-from .sources import parse_range
+from .sources import parse_aliases, parse_range
 
 
 def read_prompts(text: str) -> list[str]:
@@ -85,6 +85,11 @@ class EvalConfig:
     allow_overlap: bool = setting(False, help="Evaluate even when an SAE was trained on some of the eval documents "
                                               "(refused otherwise); the report then carries a loud warning.")
     model: str | None = setting(None, help="Model for downstream/intervention [default: the cache's model_id].")
+    model_aliases: list[tuple[str, str]] = setting(
+        default_factory=list, flag="model-alias", parse=parse_aliases, metavar="SAE_MODEL=CACHE_MODEL",
+        help="Score SAEs trained on model SAE_MODEL on caches of CACHE_MODEL: the two ids are the same weights "
+             "(warned; comma-separated for several). Built in: HuggingFaceTB/SmolLM2-135M-Instruct = "
+             "embedded:SmolLM2-135M-Instruct (warned as de-quantised).")
     device: str = setting("auto", help="auto, cpu, cuda, cuda:1 ...")
     plots: bool = setting(True, help="Write PNG plots.")
     progress: bool = setting(True, help="Show progress bars.")

@@ -96,10 +96,13 @@ def _overlap_line(entry: SAEEntry, cache: ActivationCache, finding: dict[str, An
 def _plan(cfg: EvalConfig, entries: list[SAEEntry]) -> tuple[list[CachePlan], list[str]]:
     """Open and check every cache, choose its eval sequences, refuse training-data overlap (unless allowed)."""
     caches = [ActivationCache.open(p) for p in cfg.caches]
+    warnings: list[str] = []
     for cache in caches:
         for e in entries:
-            check_against_cache(e, cache)  # --model only changes what is loaded
-    plans, warnings = [], []
+            alias = check_against_cache(e, cache, aliases=cfg.model_aliases)  # --model only changes what is loaded
+            if alias is not None and alias not in warnings:
+                warnings.append(alias)
+    plans = []
     for cache, label in zip(caches, _cache_labels(caches)):
         sel = choose_eval_sequences(entries, cache, explicit=cfg.eval_range, max_tokens=cfg.max_eval_tokens)
         held = choose_eval_sequences(entries, cache, explicit=cfg.eval_range, max_tokens=None)

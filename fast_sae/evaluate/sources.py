@@ -15,6 +15,12 @@ tokens), so the rule lives in one place:
 - Otherwise (e.g. BT(P) SAEs on a FAST chat cache) every sequence of the cache may be used.
 Then at most ``max_tokens`` tokens are taken, whole sequences in stream order.
 
+An SAE is scored only on a cache of the model it was trained on (``model_name``), compared without
+the hub organisation and case. Two ids that name the same weights can be declared so
+(``--model-alias SAE_MODEL=CACHE_MODEL``, either way round); the embedded model and its hub id
+``HuggingFaceTB/SmolLM2-135M-Instruct`` are one built in. Either is a warning naming both ids, never
+silent: the embedded model is the hub model de-quantised from Q4_1, close but not identical.
+
 ``--sae`` values: checkpoint folders (this project's or SAELens', 6.x or pre-6.0 layout), run folders
 holding them, or ``sae_lens:RELEASE:SAE_ID``, a pretrained SAE loaded with SAELens' own
 ``SAE.from_pretrained`` (needs sae-lens and the hub) and kept as a checkpoint folder under
@@ -22,6 +28,7 @@ holding them, or ``sae_lens:RELEASE:SAE_ID``, a pretrained SAE loaded with SAELe
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,8 +170,40 @@ def _model_key(name: str) -> str:
     return name.rsplit("/", 1)[-1].lower()
 
 
-def check_against_cache(entry: SAEEntry, cache: ActivationCache, model_id: str | None = None) -> None:
-    """Refuse an SAE whose layer, width or model does not fit the cache (one line naming both)."""
+def parse_aliases(text: str) -> list[tuple[str, str]]:
+    """'SAE_MODEL=CACHE_MODEL,...' -> [(SAE_MODEL, CACHE_MODEL), ...], for the --model-alias option."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:  # empty items are skipped, as in every list option
+            continue
+        a, sep, b = part.partition("=")
+        if not sep or not a.strip() or not b.strip():
+            raise EvalError(f"--model-alias {text!r}: expected SAE_MODEL=CACHE_MODEL (comma-separated for several), "
+                            f"e.g. HuggingFaceTB/SmolLM2-135M-Instruct=my-org/smollm2-copy")
+        pairs.append((a.strip(), b.strip()))
+    return pairs
+
+
+def model_alias(sae_model: str, cache_model: str, aliases: Sequence[tuple[str, str]] = ()) -> str | None:
+    """Why two different model ids are the same weights (the built-in alias, or a --model-alias pair
+    either way round), or None when nothing says so."""
+    from fast_sae.lm.embedded import EMBEDDED_HUB_ID, EMBEDDED_MODEL
+
+    pair = {_model_key(sae_model), _model_key(cache_model)}
+    if pair == {_model_key(EMBEDDED_HUB_ID), _model_key(EMBEDDED_MODEL)}:
+        return (f"{EMBEDDED_MODEL!r} is {EMBEDDED_HUB_ID!r} de-quantised from GGUF Q4_1 (a built-in alias): the same "
+                f"model up to 4-bit rounding of its weights, so activations and scores differ slightly from the hub "
+                f"model's")
+    for a, b in aliases:
+        if {_model_key(a), _model_key(b)} == pair:
+            return f"the same weights by --model-alias {a}={b}"
+    return None
+
+
+def check_against_cache(entry: SAEEntry, cache: ActivationCache, model_id: str | None = None,
+                        aliases: Sequence[tuple[str, str]] = ()) -> str | None:
+    """Refuse an SAE whose layer, width or model does not fit the cache (one line naming both); an SAE
+    of another model id declared the same weights gets a warning line back (None otherwise)."""
     where = entry.cfg_file
     if entry.layer not in cache.layers:
         raise EvalError(f"{where}: hook_layer {entry.layer} not in cache {cache.path} (layers {cache.layers}; the "
@@ -174,8 +213,13 @@ def check_against_cache(entry: SAEEntry, cache: ActivationCache, model_id: str |
                         f"{cache.path}")
     expected = model_id or cache.meta.model_id
     if entry.model_name and expected and _model_key(entry.model_name) != _model_key(expected):
-        raise EvalError(f"{where}: trained on model {entry.model_name!r} (field 'model_name') but cache "
-                        f"{cache.path} holds {expected!r}")
+        why = model_alias(entry.model_name, expected, aliases)
+        if why is None:
+            raise EvalError(f"{where}: trained on model {entry.model_name!r} (field 'model_name') but cache "
+                            f"{cache.path} holds {expected!r}; if they are the same weights, say so with "
+                            f"--model-alias {entry.model_name}={expected}")
+        return f"SAEs trained on model {entry.model_name!r} scored on cache {cache.path} of model {expected!r}: {why}"
+    return None
 
 
 def trained_on(entry: SAEEntry, cache: ActivationCache) -> bool:

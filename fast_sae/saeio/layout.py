@@ -3,9 +3,12 @@
 Written in SAELens 6's layout, so ``sae_lens.SAE.load_from_disk`` loads a checkpoint unchanged:
 the inference architecture's fields at the top level, everything else under ``metadata``, with a
 ``sae_lens_version`` of at least 6.0 (an older or missing version makes SAELens reformat the file
-as pre-6.0 and keep only a few fields). What this project records beyond SAELens' fields lives in
-``metadata.fast_sae``; SAELens keeps unknown metadata verbatim, so a checkpoint re-saved by
-SAELens keeps it too.
+as pre-6.0 and keep only a few fields). That field says which SAELens wrote the SAE, so a SAELens
+checkpoint saved again here keeps its writer's version; a checkpoint no SAELens wrote carries the
+layout version there. The layout version has a field of its own either way
+(``metadata.fast_sae.sae_lens_layout_version``). What this project records beyond SAELens' fields
+lives in ``metadata.fast_sae``; SAELens keeps unknown metadata verbatim, so a checkpoint re-saved
+by SAELens keeps it too.
 
 Read: that layout (SAELens 6 files included), and the flat pre-6.0 layout that SAELens 5 and this
 project up to version 0.2 wrote. Which SAEs can be scored is checked here too: a residual-stream
@@ -15,6 +18,7 @@ as they are (``normalize_activations: none``).
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,13 +54,15 @@ def to_cfg_json(cfg: CheckpointConfig, where: str = "cfg") -> dict[str, Any]:
         raise CheckpointError(f"{where}: rescale_acts_by_decoder_norm is set; fold the decoder norms into the "
                               f"weights first (loading does that)")
     arch = get_architecture(cfg.architecture)
-    own: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "model_revision": cfg.model_revision,
+    own: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "sae_lens_layout_version": SAE_LENS_LAYOUT_VERSION,
+                           "model_revision": cfg.model_revision,
                            "weights_folded": cfg.weights_folded,
                            "normalization": to_plain(cfg.normalization), "training": to_plain(cfg.training),
                            "run": to_plain(cfg.run)}
     # sae_lens_training_version null: not trained by SAELens (absent, SAELens would claim its own version)
     metadata: dict[str, Any] = {"sae_lens_training_version": None, **cfg.sae_lens_metadata}
-    metadata.update(sae_lens_version=SAE_LENS_LAYOUT_VERSION, hook_name=cfg.hook_name, hook_head_index=None,
+    version = cfg.sae_lens_version if _reads_as_6(cfg.sae_lens_version) else SAE_LENS_LAYOUT_VERSION
+    metadata.update(sae_lens_version=version, hook_name=cfg.hook_name, hook_head_index=None,
                     model_name=cfg.model_name, context_size=cfg.context_size, dataset_path=cfg.dataset_path,
                     prepend_bos=cfg.prepend_bos, training_architecture=cfg.architecture)
     details = {**(metadata.get("training_architecture_details") or {}), **arch.sae_lens_details(cfg)}
@@ -67,6 +73,12 @@ def to_cfg_json(cfg: CheckpointConfig, where: str = "cfg") -> dict[str, Any]:
             "device": "cpu", "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
             "normalize_activations": "none", "reshape_activations": "none", **arch.sae_lens_fields(cfg),
             "metadata": metadata}
+
+
+def _reads_as_6(version: str | None) -> bool:
+    """Whether SAELens reads a file with this ``sae_lens_version`` in its 6.x layout (major version >= 6)."""
+    m = re.match(r"(\d+)\.", version or "")
+    return m is not None and int(m.group(1)) >= 6
 
 
 # ---------------------------------------------------------------------- read
@@ -136,6 +148,9 @@ def _from_sae_lens_6(doc: dict[str, Any], meta: dict[str, Any], where: str) -> C
     own = meta.get(OWN) or {}
     if not isinstance(own, dict):
         raise CheckpointError(f"{where}: field 'metadata.{OWN}' must be an object")
+    if not isinstance(meta.get("sae_lens_version", ""), str):
+        raise CheckpointError(f"{where}: field 'metadata.sae_lens_version' = {meta['sae_lens_version']!r}, expected "
+                              f"a version string")
     k_field = "k" if doc.get("k") is not None else "metadata.training_architecture_details.k"
     raw = {"architecture": arch.name, "d_in": _need(doc, "d_in", where), "d_sae": _need(doc, "d_sae", where),
            "hook_name": _need(meta, "hook_name", where, "metadata.", str),
@@ -145,8 +160,14 @@ def _from_sae_lens_6(doc: dict[str, Any], meta: dict[str, Any], where: str) -> C
            "rescale_acts_by_decoder_norm": bool(doc.get("rescale_acts_by_decoder_norm", False)),
            "model_name": meta.get("model_name"), "context_size": meta.get("context_size"),
            "dataset_path": meta.get("dataset_path"), "prepend_bos": meta.get("prepend_bos", True),
-           "model_revision": own.get("model_revision"), "weights_folded": own.get("weights_folded", True)}
+           "model_revision": own.get("model_revision"), "weights_folded": own.get("weights_folded", True),
+           "sae_lens_version": meta.get("sae_lens_version")}
     cfg = from_plain(CheckpointConfig, raw, where, "")
+    # Written here without a SAELens writer: the version field holds the layout version (files written
+    # here before the layout field existed all follow 6.0.0).
+    layout = own.get("sae_lens_layout_version", SAE_LENS_LAYOUT_VERSION if OWN in meta else None)
+    if cfg.sae_lens_version == layout:
+        cfg.sae_lens_version = None
     for name, cls in (("normalization", Normalization), ("training", TrainingData), ("run", TrainingRun)):
         if own.get(name) is not None:
             setattr(cfg, name, from_plain(cls, own[name], where, f"metadata.{OWN}.{name}"))

@@ -178,6 +178,9 @@ class CheckpointConfig:
     normalization: Normalization | None = None
     training: TrainingData | None = None
     run: TrainingRun | None = None
+    # The SAELens version that wrote the checkpoint (its metadata.sae_lens_version), kept when it is saved
+    # again here; None when no SAELens wrote it (the file then carries the layout version there).
+    sae_lens_version: str | None = None
     sae_lens_metadata: dict[str, Any] = field(default_factory=dict)
 
     @property

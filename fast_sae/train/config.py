@@ -25,6 +25,7 @@ ORDERS = ("mixing", "sequential", "random")
 NORMALIZATIONS = ("content", "all", "none")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 DECODER_PATHS = ("auto", "sparse", "dense")
+WANDB_MODES = ("online", "offline", "disabled")
 
 # The grid field holding each architecture's sparsity settings (L1 coefficient, L0 coefficient or k).
 SPARSITY_FIELD = {"standard": "l1_coefficients", "jumprelu": "l0_coefficients", "topk": "k", "batchtopk": "k"}
@@ -102,6 +103,17 @@ class TrainConfig:
     checkpoint_every: int = setting(1000, help="Steps between resumable checkpoints.")
     device: str = setting("auto", help="auto, cpu or cuda (under torchrun each process uses cuda:LOCAL_RANK).")
     max_memory_gb: float | None = setting(None, help="Memory budget for the grid-fits check [default: what is free].")
+    # Experiment tracking (tracking.py). It never changes what is trained, so a resume may add or drop it.
+    wandb_project: str | None = setting(None, metavar="PROJECT",
+                                        help="Log the curves, the configuration and the end-of-run table to this "
+                                             "Weights & Biases project, one W&B run per train run (needs wandb: "
+                                             "pip install 'fast-sae[tracking]').")
+    wandb_entity: str | None = setting(None, metavar="ENTITY", help="W&B user or team [default: your default].")
+    wandb_run_name: str | None = setting(None, metavar="NAME", help="W&B run name [default: the --out folder's "
+                                                                    "name].")
+    wandb_mode: str | None = setting(None, choices=WANDB_MODES,
+                                     help="online, offline (no network; upload later with `wandb sync`) or disabled "
+                                          "[default: $WANDB_MODE, else online].")
 
     def steps(self) -> int:
         return max(1, self.tokens // self.batch_tokens)
@@ -142,6 +154,8 @@ class TrainConfig:
             raise ConfigError(f"b_dec_init {self.b_dec_init!r}: expected one of {', '.join(B_DEC_INITS)}")
         if self.decoder_path not in DECODER_PATHS:
             raise ConfigError(f"decoder_path {self.decoder_path!r}: expected one of {', '.join(DECODER_PATHS)}")
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"wandb_mode {self.wandb_mode!r}: expected one of {', '.join(WANDB_MODES)}")
         for name in ("tokens", "batch_tokens", "buffer_tokens", "log_every", "checkpoint_every", "dead_window_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -38,6 +38,7 @@ from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, t
 from .saes import GROUP_CLASSES, SAEGroup
 from .saes.sparse import spec_decoder_path
 from .schedule import lr_at, sparsity_scale_at
+from .tracking import Tracker
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
@@ -70,7 +71,7 @@ def _comparable(run_cfg: dict[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the folder's: every setting that changes what it trains."""
     unused = TrainConfig.fields_for(list(run_cfg["grid"].get("architectures") or []))
     skip = {"device", "max_memory_gb", "checkpoint_every"} | unused
-    train = {k: v for k, v in run_cfg["train"].items() if k not in skip}
+    train = {k: v for k, v in run_cfg["train"].items() if k not in skip and not k.startswith("wandb_")}
     return {"train": train, "grid": run_cfg["grid"], "cache": run_cfg["cache"], "world_size": run_cfg["world_size"]}
 
 
@@ -125,6 +126,7 @@ class Trainer:
             normalization_source(cfg.normalize_from, self.cache, train_range, sorted({s.layer for s in self.specs}))
         self.norms: dict[int, Normalization] = {}
         self._data_record: TrainingData | None = None
+        self.tracker = Tracker(cfg, self.run_dir, echo)  # started by the main process only
 
     # ------------------------------------------------------------------ setup
     def _run_config(self) -> dict[str, Any]:
@@ -173,12 +175,16 @@ class Trainer:
                 check_run_folder(self.run_dir, self._run_config())
             except RunError as exc:
                 error = str(exc)
+        failed = True
         try:
             error = d.broadcast(error)
             if error is not None:
                 raise RunError(error)
-            return self._run(stop_after_steps)
+            result = self._run(stop_after_steps)
+            failed = False
+            return result
         finally:
+            self.tracker.finish(failed)
             lock.release()
 
     def _run(self, stop_after_steps: int | None) -> RunResult:
@@ -230,6 +236,7 @@ class Trainer:
                 self.echo(f"resuming {self.run_dir} at step {start} of {self.total_steps}")
         if d.main:
             truncate_metrics(self.run_dir / METRICS, start)
+            self.tracker.start(run_cfg, self.run_dir / METRICS, start)
 
         step = self._loop(groups, optims, stream, scales, start, ckpt, stop_after_steps)
         if step < self.total_steps:
@@ -319,8 +326,9 @@ class Trainer:
         gathered = self.dist.gather(lines)
         if self.dist.main and gathered:
             order = {s.name: i for i, s in enumerate(self.specs)}
-            append_jsonl(self.run_dir / METRICS,
-                         sorted((line for part in gathered for line in part), key=lambda r: order[r["sae"]]))
+            rows = sorted((line for part in gathered for line in part), key=lambda r: order[r["sae"]])
+            append_jsonl(self.run_dir / METRICS, rows)
+            self.tracker.log(rows)
 
     def _finish(self, groups: dict[str, SAEGroup], scales: dict[int, float], mine: list[SAESpec],
                 ckpt: Checkpointer) -> RunResult:
@@ -343,6 +351,7 @@ class Trainer:
             write_text_atomic(self.run_dir / SUMMARY, json.dumps({
                 "status": "finished", "steps": self.total_steps, "tokens": self.total_steps * self.cfg.batch_tokens,
                 "saes": result_rows}, indent=2))
+            self.tracker.summary(result_rows, self.total_steps, self.total_steps * self.cfg.batch_tokens)
             self.echo(format_table(result_rows))
         ckpt.remove()
         return RunResult("finished", self.run_dir, self.total_steps, result_rows)

@@ -13,6 +13,7 @@ from fast_sae.evaluate.sources import (
     choose_eval_sequences,
     discover_sae_folders,
     load_entries,
+    parse_aliases,
     parse_range,
 )
 from fast_sae.saeio import load_sae
@@ -55,6 +56,36 @@ def test_mismatches_are_refused(tmp_path, cache):
         check_against_cache(wrong_model, cache)
     check_against_cache(load_entries([save_identity_sae(tmp_path / "ok", 3, 1, model_name="m")])[0], cache)
     check_against_cache(load_entries([save_identity_sae(tmp_path / "org", 3, 1, model_name="Org/M")])[0], cache)
+
+
+def test_model_aliases_say_two_ids_are_the_same_weights_with_a_warning(tmp_path, cache):
+    other = load_entries([save_identity_sae(tmp_path / "m", 3, 1, model_name="org/other")])[0]
+    with pytest.raises(EvalError, match=r"m/cfg.json: trained on model 'org/other' \(field 'model_name'\) but cache "
+                                        r".* holds 'm'; if they are the same weights, say so with --model-alias "
+                                        r"org/other=m$"):
+        check_against_cache(other, cache)
+    with pytest.raises(EvalError):
+        check_against_cache(other, cache, aliases=[("org/other", "n")])  # an alias of other ids changes nothing
+    for aliases in ([("org/other", "m")], [("M", "other")]):  # either way round, compared like model names
+        assert check_against_cache(other, cache, aliases=aliases) == (
+            f"SAEs trained on model 'org/other' scored on cache {cache.path} of model 'm': the same weights by "
+            f"--model-alias {aliases[0][0]}={aliases[0][1]}")
+    assert check_against_cache(load_entries([save_identity_sae(tmp_path / "ok", 3, 1, model_name="m")])[0],
+                               cache) is None
+    x = np.zeros((40, 3), np.float32)
+    emb = "embedded:SmolLM2-135M-Instruct"
+    embedded = ActivationCache.open(make_cache(tmp_path / "e", {1: x}, [4] * 10, model_id=emb))
+    for hub_id in ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"):  # a SAELens release drops the org
+        hub = load_entries([save_identity_sae(tmp_path / hub_id.replace("/", "_"), 3, 1, model_name=hub_id)])[0]
+        assert check_against_cache(hub, embedded) == (
+            f"SAEs trained on model {hub_id!r} scored on cache {embedded.path} of model {emb!r}: {emb!r} is "
+            f"'HuggingFaceTB/SmolLM2-135M-Instruct' de-quantised from GGUF Q4_1 (a built-in alias): the same model up "
+            f"to 4-bit rounding of its weights, so activations and scores differ slightly from the hub model's")
+    assert parse_aliases(" a/b = embedded:c ,,d=e") == [("a/b", "embedded:c"), ("d", "e")]
+    assert parse_aliases("") == []
+    for bad in ("a", "a=", "=b", "a=b,c"):
+        with pytest.raises(EvalError, match=rf"^--model-alias '{bad}': expected SAE_MODEL=CACHE_MODEL"):
+            parse_aliases(bad)
 
 
 def test_entries_read_typed_fields(tmp_path):
@@ -138,14 +169,14 @@ def test_shared_fingerprint_of_another_regime_is_not_the_training_cache(tmp_path
 HF_REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _sae_lens_folder(folder, d_in, layer, seed=0):
+def _sae_lens_folder(folder, d_in, layer, seed=0, model_name="m", expansion=4):
     """A standard SAE saved by SAELens itself (its 6.x layout: hook name under metadata, no hook_layer)."""
     import torch
     from sae_lens.saes import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=4 * d_in, metadata=SAEMetadata(
-        model_name="m", hook_name=f"blocks.{layer}.hook_resid_post")))
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=expansion * d_in, metadata=SAEMetadata(
+        model_name=model_name, hook_name=f"blocks.{layer}.hook_resid_post")))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in sae.parameters():
@@ -246,3 +277,49 @@ def test_pipeline_evaluate_scores_a_sae_lens_release(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "Error: sae_lens:local/saes: expected sae_lens:RELEASE:SAE_ID (e.g. "
         "sae_lens:gemma-scope-2b-pt-res-canonical:layer_20/width_16k/canonical)"]
+
+
+@pytest.mark.slow
+def test_a_sae_lens_sae_of_the_hub_model_scores_on_an_embedded_cache_with_a_warning(tmp_path, fast_cache):
+    """SAELens-saved SAEs whose model_name is the hub id (built-in alias) or another id declared the same
+    weights (--model-alias) are scored on a cache of the embedded model, each with a warning naming both
+    ids; without the alias the other id is refused in one line."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cache = ActivationCache.open(fast_cache)
+    assert cache.meta.model_id == "embedded:SmolLM2-135M-Instruct"
+    hub = _sae_lens_folder(tmp_path / "hub", cache.d_model, 2, model_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                           expansion=2)
+    copy = _sae_lens_folder(tmp_path / "copy", cache.d_model, 2, seed=1, model_name="someone/smollm2-copy",
+                            expansion=2)
+    args = ["evaluate", "--sae", str(hub), "--cache", str(fast_cache), "--out", str(tmp_path / "o"),
+            "--no-downstream", "--no-plots", "--no-progress", "--max-eval-tokens", "1000"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "pipeline.py", *args, "--sae", str(copy), "--model-alias",
+                           "someone/smollm2-copy=embedded:SmolLM2-135M-Instruct"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["hub", "copy"]
+    for r in report["rows"]:
+        rec = r["reconstruction"]["subsets"]["all"]
+        assert 0 < rec["n_tokens"] <= 1000 and rec["l0"] > 0 and np.isfinite(rec["mse"])
+    dequantised = (f"warning: SAEs trained on model 'HuggingFaceTB/SmolLM2-135M-Instruct' scored on cache {fast_cache} "
+                   f"of model 'embedded:SmolLM2-135M-Instruct': 'embedded:SmolLM2-135M-Instruct' is "
+                   f"'HuggingFaceTB/SmolLM2-135M-Instruct' de-quantised from GGUF Q4_1 (a built-in alias)")
+    declared = (f"warning: SAEs trained on model 'someone/smollm2-copy' scored on cache {fast_cache} of model "
+                f"'embedded:SmolLM2-135M-Instruct': the same weights by --model-alias "
+                f"someone/smollm2-copy=embedded:SmolLM2-135M-Instruct")
+    lines = proc.stderr.splitlines()
+    assert sum(line.startswith(dequantised) for line in lines) == 1, proc.stderr
+    assert declared in lines, proc.stderr
+    refused = subprocess.run([sys.executable, "pipeline.py", *args, "--sae", str(copy)], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"Error: {copy / 'cfg.json'}: trained on model 'someone/smollm2-copy' (field 'model_name') but cache "
+        f"{fast_cache} holds 'embedded:SmolLM2-135M-Instruct'; if they are the same weights, say so with "
+        f"--model-alias someone/smollm2-copy=embedded:SmolLM2-135M-Instruct"]

@@ -3,7 +3,8 @@
 - saved by SAELens (``save_model``; BatchTopK through ``save_inference_model``, as its trainer does)
   -> ``load_sae`` here -> the same features and reconstructions as SAELens' own loaded SAE;
 - saved here (``save_sae``, and by the trainer) -> ``SAE.load_from_disk`` -> the same outputs;
-- re-saved by SAELens -> loaded here -> every recorded fact intact;
+- re-saved by SAELens -> loaded here -> every recorded fact intact; SAELens -> here -> SAELens keeps
+  the writer's ``sae_lens_version``;
 - SAELens' pre-6.0 layout (as SAELens 5 wrote it) read the same way SAELens 6 reads it;
 - what cannot be scored on activation caches is refused in one line naming the file and field.
 
@@ -109,6 +110,25 @@ def test_saved_by_sae_lens_loads_here(sl, x, tmp_path, arch, apply_b_dec):
         save_sae(tmp_path / "again", ours.weights(), ours.cfg)
         meta = json.loads((tmp_path / "again" / "cfg.json").read_text())["metadata"]
         assert meta["training_architecture_details"]["topk_threshold_lr"] == 0.01
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sae_lens_to_here_to_sae_lens_keeps_the_writers_version(sl, x, tmp_path, arch):
+    """SAELens -> load_sae/save_sae here -> SAELens: metadata.sae_lens_version stays the writer's."""
+    folder = save_with_sae_lens(sl, arch, tmp_path / "theirs")
+    assert json.loads((folder / "cfg.json").read_text())["metadata"]["sae_lens_version"] == sl.__version__
+    ours = load_sae(folder)
+    assert ours.cfg.sae_lens_version == sl.__version__
+    save_sae(tmp_path / "ours", ours.weights(), ours.cfg)
+    meta = json.loads((tmp_path / "ours" / "cfg.json").read_text())["metadata"]
+    assert meta["sae_lens_version"] == sl.__version__ and meta["fast_sae"]["sae_lens_layout_version"] == "6.0.0"
+    theirs = sl.SAE.load_from_disk(tmp_path / "ours")
+    assert theirs.cfg.metadata.sae_lens_version == sl.__version__
+    assert_same_outputs(theirs, ours, x)
+    theirs.save_model(tmp_path / "back")
+    meta = json.loads((tmp_path / "back" / "cfg.json").read_text())["metadata"]
+    assert meta["sae_lens_version"] == sl.__version__ and meta["fast_sae"]["sae_lens_layout_version"] == "6.0.0"
+    assert load_sae(tmp_path / "back").cfg == ours.cfg
 
 
 def test_sae_lens_topk_with_decoder_norm_rescaling_is_folded(sl, x, tmp_path):
@@ -219,7 +239,13 @@ def test_unscorable_sae_lens_checkpoints_are_refused_in_one_line(sl, tmp_path):
     scaled = s.StandardSAE(s.StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, metadata=_metadata(sl),
                                                normalize_activations="expected_average_only_in"))
     scaled.save_model(tmp_path / "scaled")
+    training = s.BatchTopKTrainingSAE(s.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=6, metadata=_metadata(sl)))
+    training.save_model(tmp_path / "batchtopk_training")
     for name, message in [
+        ("batchtopk_training", r"field 'architecture' is 'batchtopk': a SAELens BatchTopK training checkpoint "
+                               r"\(BatchTopKTrainingSAE.save_model\); save it with SAELens's save_inference_model "
+                               r"instead \(a JumpReLU SAE with the learned threshold, as its trainer does\), which "
+                               r"loads here as batchtopk$"),
         ("gated", r"field 'architecture' is 'gated'; SAELens architectures scored here: jumprelu, standard, topk$"),
         ("pre", r"hook_name 'blocks.2.hook_resid_pre' cannot be scored on activation caches"),
         ("scaled", r"field 'normalize_activations' is 'expected_average_only_in'"),

@@ -152,3 +152,26 @@ def test_fast_sae_0_2_checkpoints_keep_their_provenance():
     # written again, it is the SAELens 6 layout with the same facts
     again = from_cfg_json(json.loads(json.dumps(to_cfg_json(c))), "x")
     assert again == c
+
+
+def test_the_writers_sae_lens_version_is_kept_and_the_layout_has_its_own_field():
+    """metadata.sae_lens_version says which SAELens wrote the SAE; the layout version is recorded apart."""
+    cfg = full_config()
+    cfg.sae_lens_version = "6.54.12"  # read from a file SAELens 6.54.12 saved
+    doc = json.loads(json.dumps(to_cfg_json(cfg)))
+    assert doc["metadata"]["sae_lens_version"] == "6.54.12"
+    assert doc["metadata"]["fast_sae"]["sae_lens_layout_version"] == "6.0.0"
+    assert from_cfg_json(doc, "x") == cfg
+    cfg.sae_lens_version = None  # no SAELens wrote it: the version SAELens needs is the layout's
+    doc = json.loads(json.dumps(to_cfg_json(cfg)))
+    assert doc["metadata"]["sae_lens_version"] == "6.0.0" and from_cfg_json(doc, "x").sae_lens_version is None
+    del doc["metadata"]["fast_sae"]["sae_lens_layout_version"]  # written here before the field existed
+    assert from_cfg_json(doc, "x").sae_lens_version is None
+    cfg.sae_lens_version = "5.3.0"  # SAELens would read the file as pre-6.0: the layout version is written
+    assert to_cfg_json(cfg)["metadata"]["sae_lens_version"] == "6.0.0"
+    theirs = json.loads(json.dumps(to_cfg_json(full_config())))
+    del theirs["metadata"]["fast_sae"]  # a file SAELens 6.0.0 wrote itself
+    assert from_cfg_json(theirs, "x").sae_lens_version == "6.0.0"
+    theirs["metadata"]["sae_lens_version"] = 6
+    with pytest.raises(CheckpointError, match=r"^x: field 'metadata.sae_lens_version' = 6, expected a version string"):
+        from_cfg_json(theirs, "x")
