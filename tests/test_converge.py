@@ -31,7 +31,8 @@ def test_tiny_study_seeds_cross_evaluation_and_report(tmp_path):
         a, b = _weights(runs / regime / "topk_tpl6_seed0", "topk"), _weights(runs / regime / "topk_tpl6_seed1", "topk")
         assert not any(a[k].equal(b[k]) for k in ("W_enc", "W_dec")), regime  # another init and data order
         assert (runs / regime / "topk_tpl3_seed1" / "summary.json").is_file()
-        assert (runs / regime / "sweep_tpl3_seed0" / "summary.json").is_file()
+        for arch in ("standard", "jumprelu"):
+            assert (runs / regime / f"sweep_{arch}_tpl3_seed0" / "summary.json").is_file()
         held = json.loads((out / "eval" / "heldout" / regime / "topk_tpl6_seed0" / "report.json").read_text())
         assert {r["eval_label"] for r in held["rows"]} == {"fast", "bt-f", "bt-p"}
         fit = json.loads((out / "eval" / "fit" / regime / "topk_tpl6_seed0" / "report.json").read_text())

@@ -56,7 +56,7 @@ class ConvergeConfig:
     tokens_per_latent: list[float] = setting(default_factory=lambda: [357.5, 715.0, 2860.0],
                                              help="The ladder's other budgets (tokens per latent).")
     sweep_tokens_per_latent: float = setting(1430.0, help="Budget of the Standard/JumpReLU sweeps.")
-    l1_coefficients: list[float] = setting(default_factory=lambda: [1.0, 3.0, 10.0, 30.0],
+    l1_coefficients: list[float] = setting(default_factory=lambda: [0.1, 0.3, 1.0, 3.0],
                                            help="Standard SAE sweep (L1 coefficients).")
     l0_coefficients: list[float] = setting(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0],
                                            help="JumpReLU sweep (L0 coefficients).")
@@ -150,14 +150,16 @@ def plan_runs(c: ConvergeConfig, d_model: int) -> list[Run]:
         return out
 
     def sweep_runs() -> list[Run]:
+        """One run per architecture and regime, so each sweep can be widened on its own."""
         tpl, out = c.sweep_tokens_per_latent, []
-        for regime in REGIMES:
-            name = f"sweep_{_tpl_tag(tpl)}_seed0"
-            folder = c.out / "runs" / regime / name
-            grid = ["--architectures", "standard,jumprelu", "--l1-coefficients", _csv(c.l1_coefficients),
-                    "--l0-coefficients", _csv(c.l0_coefficients)]
-            out.append(Run("sweeps", regime, name, folder, _train_args(c, regime, folder, budget_tokens(
-                c, tpl, d_model), 0, grid), 0, tpl, ["standard", "jumprelu"]))
+        for arch, flag, values in (("standard", "--l1-coefficients", c.l1_coefficients),
+                                   ("jumprelu", "--l0-coefficients", c.l0_coefficients)):
+            for regime in REGIMES:
+                name = f"sweep_{arch}_{_tpl_tag(tpl)}_seed0"
+                folder = c.out / "runs" / regime / name
+                grid = ["--architectures", arch, flag, _csv(values)]
+                out.append(Run("sweeps", regime, name, folder, _train_args(c, regime, folder, budget_tokens(
+                    c, tpl, d_model), 0, grid), 0, tpl, [arch]))
         return out
 
     ladder = sorted(t for t in set(c.tokens_per_latent) if t != c.core_tokens_per_latent)
