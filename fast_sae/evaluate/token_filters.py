@@ -13,7 +13,9 @@ the rule has to hold for every cache format, not only FAST's one-conversation-pe
   BT(P) text no prefix is usually shared and ★ equals ``no_pos0``. Documents are runs of equal
   ``tokens/doc_ids`` in stream order; a document's position counts from its first token in the
   cache, so a prefix cut by a block boundary is still removed in the next block.
-With fewer than two documents starting in the selection nothing is "shared" (prefix 0).
+With fewer than two documents starting in the selection nothing is "shared" (prefix 0). The
+cache's last document does not count when there are others: a BT stream ends wherever the token
+budget ran out, possibly two tokens into a conversation.
 """
 from __future__ import annotations
 
@@ -65,7 +67,12 @@ class TokenFilters:
         for a, b in runs:
             selected[a:b] = True
         inside = selected[doc_starts] if n else np.zeros(0, bool)
-        begins, ends = doc_starts[inside], doc_ends[inside]
+        # the cache's last document may be cut by the harvest's token budget (a BT block stream ends
+        # mid-document): it says nothing about the prefix every document starts with
+        whole = inside.copy()
+        if len(whole) > 2:
+            whole[-1] = False
+        begins, ends = doc_starts[whole], doc_ends[whole]
         prefix = shared_prefix_length(cache.token_ids(), begins, ends)
         return cls(seq_starts=cache.seq_starts(), doc_starts=doc_starts, prefix_length=prefix,
                    n_documents=int(inside.sum()))

@@ -169,6 +169,12 @@ def test_headline_filter_removes_each_documents_shared_prefix_inside_blocks(tmp_
     sq = (x.astype(np.float64) ** 2).sum(1)
     per_block = [sq[[2, 3]].mean(), sq[[6]].mean(), sq[[9, 10, 11]].mean()]
     assert res.filtered["no_prefix"]["all"]["mse"] == pytest.approx(np.mean(per_block) / 2)
+    # the stream's last document cut after one token by the token budget: the prefix is still [7, 8]
+    cut = make_cache(tmp_path / "cut", {0: np.vstack([x, x[:1]])}, [4, 4, 5], token_ids=np.r_[ids, 7],
+                     doc_ids=np.r_[docs, 3], regime="bt-f")
+    res = _run(cut, save_constant_sae(tmp_path / "zero_cut", 2, 0, 0.0))
+    assert res.to_dict()["token_filters"]["shared_prefix_length"] == 2
+    assert res.filtered["no_prefix"]["all"]["n_tokens"] == 6
 
 
 @pytest.mark.slow
