@@ -22,7 +22,9 @@ from .plan import EVAL_CACHES, REGIMES, ConvergeConfig, Run, eval_folder
 FILTERS = {"star": "subsets_no_prefix", "all_tokens": "subsets"}
 FORMATS = tuple(EVAL_CACHES)  # eval formats: fast, bt-f, bt-p
 LABEL = {"fast": "FAST", "bt-f": "BT(F)", "bt-p": "BT(P)"}
-CONVERGED_DROP = 0.05  # held-out ★ MSE changed by less than this from one budget to the next
+CONVERGED_DROP = 0.05
+PROBE_LABELS = ("user_vs_assistant", "special_token", "reply_start")  # evaluate/probes.py
+PROBE_K = (1, 5, 20)  # held-out ★ MSE changed by less than this from one budget to the next
 
 
 def _get(d: Any, path: str) -> Any:
@@ -45,6 +47,10 @@ def row_metrics(row: dict[str, Any]) -> dict[str, float]:
             out[f"{tag}.{subset}.log2_mse"] = _num(_get(row, f"reconstruction.{key}.{subset}.log2_mse"))
         out[f"{tag}.l0"] = _num(_get(row, f"reconstruction.{key}.all.l0"))
         out[f"{tag}.fve"] = _num(_get(row, f"reconstruction.{key}.all.explained_variance"))
+    for label in PROBE_LABELS:
+        for k in PROBE_K:
+            out[f"probe.{label}.k{k}"] = _num(_get(row, f"probes.labels.{label}.k.{k}.balanced_accuracy"))
+        out[f"probe.{label}.dense"] = _num(_get(row, f"probes.labels.{label}.dense.balanced_accuracy"))
     out["dead_fraction"] = _num(_get(row, "reconstruction.dead_fraction"))
     plateaued = _get(row, "training.plateaued")
     out["plateaued"] = math.nan if plateaued is None else float(bool(plateaued))
@@ -87,6 +93,7 @@ def cells(records: list[dict[str, Any]]) -> dict[tuple[str, str, float, str], di
     out = {}
     for key, rs in groups.items():
         metrics = [m for m in rs[0] if "." in m or m in ("dead_fraction", "plateaued", "train_mse_drop_second_half")]
+        # a probe label skipped on one cache (e.g. no chat roles in BT(P) text) is nan: n = 0 there
         out[key] = {m: _stats([r[m] for r in rs]) for m in metrics}
         out[key]["seeds"] = {"values": sorted(r["seed"] for r in rs)}
     return out
@@ -235,6 +242,25 @@ def markdown(c: ConvergeConfig, summary: dict[str, Any], table: dict[tuple[str, 
                 if vals:
                     best = min(vals, key=lambda r: vals[r])
                     lines.append(f"- {arch}, eval {LABEL[fmt]}: {LABEL[best]}")
+        lines.append("")
+    if core is not None and any((a, r, core, "fast") in table and table[(a, r, core, "fast")].get(
+            f"probe.{PROBE_LABELS[0]}.k1", {}).get("n") for a in ("topk", "batchtopk") for r in REGIMES):
+        lines += [f"## Chat-structure probes on held-out FAST conversations, {core:g} tokens per latent",
+                  "", "Balanced test accuracy (chance 0.5) of SAEBench-style k-latent probes (docs/metrics.md), ★ "
+                  "tokens, split by conversation; mean ± sd over seeds. TopK is at L0 32 in every regime; "
+                  "BatchTopK's ★ L0 differs by regime (first table).", "",
+                  "| arch | trained on | " + " | ".join(f"{lab} k={k}" for lab in PROBE_LABELS for k in (1, 20))
+                  + " |", "|---|---|" + "---|" * (2 * len(PROBE_LABELS))]
+        for arch in ("topk", "batchtopk"):
+            for regime in REGIMES:
+                st = table.get((arch, regime, core, "fast"))
+                if st:
+                    lines.append(f"| {arch} | {LABEL[regime]} | " + " | ".join(
+                        _fmt(st.get(f"probe.{lab}.k{k}"), 3) for lab in PROBE_LABELS for k in (1, 20)) + " |")
+        dense = table.get(("topk", "fast", core, "fast"))
+        if dense:
+            lines += ["", "Dense-residual probe (the ceiling, same tokens): " + ", ".join(
+                f"{lab} {_fmt(dense.get(f'probe.{lab}.dense'), 3)}" for lab in PROBE_LABELS), ""]
         lines.append("")
     lines += ["## Memorisation: training documents vs held-out documents of the same format (★ log2 MSE, all roles)",
               "", "| arch | trained on | tokens/latent | seen (training cache) | held-out | held-out − seen |",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import click
@@ -17,7 +18,9 @@ def write_report(c: ConvergeConfig, runs: list[Any]) -> str:
     summary, table = summarize(c, runs)
     plots = plot_gaps(summary, c.out) + plot_gap_vs_tokens(table, c.out)
     sweeps = c.out / "sweeps_compare" / "compare.md"
-    sweeps_md = sweeps.read_text() if sweeps.is_file() else None
+    # compare.md's own title dropped and its plots linked from here
+    sweeps_md = re.sub(r"\]\((?!http)([^)]+\.png)\)", r"](sweeps_compare/\1)", sweeps.read_text()).replace(
+        "# FAST vs BT(F) vs BT(P)\n", "", 1) if sweeps.is_file() else None
     md = markdown(c, summary, table, plots, sweeps_md)
     c.out.mkdir(parents=True, exist_ok=True)
     (c.out / "converge.json").write_text(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str))
