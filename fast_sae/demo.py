@@ -28,6 +28,10 @@ import numpy as np
 
 from fast_sae.options import click_options, from_options, setting
 
+CONVERGED_NOTE = ("These are short runs (400k tokens per SAE, ~350 tokens per latent, one seed): the first rung of "
+                  "`pipeline.py converge`, which trains the same SAEs to 2x the paper's tokens per latent with 3 "
+                  "seeds and scores them on three held-out formats (bench/RESULTS.md).")
+
 
 def _run(args: list[str]) -> None:
     from fast_sae.cli import cli
@@ -152,3 +156,4 @@ def demo_cmd(**params: Any) -> None:
     click.secho(f"demo finished: caches in {d.out / 'caches'}, SAEs in {d.out / 'runs'}, report "
                 f"{evaluation / 'report.md'}, matched-L0 comparison and frontier plots in {d.out / 'compare'}",
                 bold=True)
+    click.echo(CONVERGED_NOTE)
