@@ -14,8 +14,8 @@ the rule has to hold for every cache format, not only FAST's one-conversation-pe
   ``tokens/doc_ids`` in stream order; a document's position counts from its first token in the
   cache, so a prefix cut by a block boundary is still removed in the next block.
 With fewer than two documents starting in the selection nothing is "shared" (prefix 0). The
-cache's last document does not count when there are others: a BT stream ends wherever the token
-budget ran out, possibly two tokens into a conversation.
+cache's last document's length does not count when there are others (a BT stream ends wherever
+the token budget ran out, possibly two tokens into a conversation); its tokens still do.
 """
 from __future__ import annotations
 
@@ -32,10 +32,21 @@ TOKEN_FILTERS = ("all_tokens", "no_pos0", "no_prefix")
 HEADLINE_FILTER = "no_prefix"
 
 
-def shared_prefix_length(token_ids: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> int:
-    """Length of the longest token prefix common to every span [begins[i], ends[i]) (0 with fewer than two)."""
+def shared_prefix_length(token_ids: np.ndarray, begins: np.ndarray, ends: np.ndarray,
+                         last_may_be_cut: bool = False) -> int:
+    """Length of the longest token prefix common to every span [begins[i], ends[i]) (0 with fewer than two).
+
+    ``last_may_be_cut``: the last span is the cache's last document, which a BT stream may cut
+    anywhere (the token budget ran out two tokens into a conversation). Its tokens still vote
+    where they differ from the others, but its shortness does not shorten the prefix.
+    """
     if len(begins) < 2:
         return 0
+    if last_may_be_cut and len(begins) > 2:
+        k = shared_prefix_length(token_ids, begins[:-1], ends[:-1])
+        last = token_ids[begins[-1]:min(ends[-1], begins[-1] + k)]
+        differ = np.flatnonzero(last != token_ids[begins[0]:begins[0] + len(last)])
+        return int(differ[0]) if len(differ) else k
     shortest = int((ends - begins).min())
     k = 0
     while k < shortest and np.all(token_ids[begins + k] == token_ids[begins[0] + k]):
@@ -67,13 +78,8 @@ class TokenFilters:
         for a, b in runs:
             selected[a:b] = True
         inside = selected[doc_starts] if n else np.zeros(0, bool)
-        # the cache's last document may be cut by the harvest's token budget (a BT block stream ends
-        # mid-document): it says nothing about the prefix every document starts with
-        whole = inside.copy()
-        if len(whole) > 2:
-            whole[-1] = False
-        begins, ends = doc_starts[whole], doc_ends[whole]
-        prefix = shared_prefix_length(cache.token_ids(), begins, ends)
+        begins, ends = doc_starts[inside], doc_ends[inside]
+        prefix = shared_prefix_length(cache.token_ids(), begins, ends, last_may_be_cut=bool(n and inside[-1]))
         return cls(seq_starts=cache.seq_starts(), doc_starts=doc_starts, prefix_length=prefix,
                    n_documents=int(inside.sum()))
 
