@@ -91,6 +91,10 @@ def _notes(by_regime: dict[str, list[dict[str, Any]]]) -> list[str]:
     if plateau:
         notes.append(f"**{len(plateau)} of {len(rows)} SAEs had not plateaued** by the stated criterion: "
                      + ", ".join(f"`{r['name']}`" for r in plateau[:6]) + (" ..." if len(plateau) > 6 else ""))
+    rose = [r for r in rows if _get(r, "training.mse_rose_second_half")]
+    if rose:
+        notes.append(f"**{len(rose)} of {len(rows)} SAEs got worse over the second half of training** (training MSE "
+                     "rose by 5% or more: unstable, not converged): " + ", ".join(f"`{r['name']}`" for r in rose))
     return notes
 
 

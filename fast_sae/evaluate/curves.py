@@ -10,7 +10,9 @@ the run the training MSE without position 0 (``mse_no_pos0``; runs that predate 
 ``mse``, which the attention sink dominates) fell by less than ``MSE_TOLERANCE`` (5%) and L0 moved by less than
 ``L0_TOLERANCE`` (10%), comparing the mean of the logged points in (40%, 50%] of the steps with the
 mean of those in (90%, 100%]. In words: doubling the training from half to full length bought less
-than 5% MSE. The last fifth of a run decays the learning rate to zero, so a flat end alone would
+than 5% MSE. A training MSE that *rose* by 5% or more over the second half is not a plateau
+either (``mse_rose_second_half``: the run is unstable, e.g. latents dying faster than AuxK revives
+them). The last fifth of a run decays the learning rate to zero, so a flat end alone would
 prove nothing; the comparison spans the whole second half.
 """
 from __future__ import annotations
@@ -69,8 +71,9 @@ def plateau(curve: dict[str, np.ndarray]) -> dict[str, Any]:
                 "note": "too few logged points to judge"}
     drop = (mse_mid - mse_end) / mse_mid
     l0_change = abs(l0_end - l0_mid) / l0_mid if l0_mid and l0_end is not None else 0.0
-    return {"plateaued": bool(drop < MSE_TOLERANCE and l0_change < L0_TOLERANCE), "mse_drop_second_half": drop,
-            "l0_change_second_half": l0_change, "mse_tokens": "without position 0" if key == "mse_no_pos0" else
+    rose = bool(drop <= -MSE_TOLERANCE)
+    return {"plateaued": bool(abs(drop) < MSE_TOLERANCE and l0_change < L0_TOLERANCE), "mse_drop_second_half": drop,
+            "mse_rose_second_half": rose, "l0_change_second_half": l0_change, "mse_tokens": "without position 0" if key == "mse_no_pos0" else
             "all tokens (the run logged no sink-free MSE)",
             "criterion": f"training MSE fell < {MSE_TOLERANCE:.0%} and L0 moved < {L0_TOLERANCE:.0%} between the "
                          f"mean of steps ({MID_WINDOW[0]:.0%}, {MID_WINDOW[1]:.0%}] and ({END_WINDOW[0]:.0%}, "

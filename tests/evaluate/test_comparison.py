@@ -161,12 +161,15 @@ def test_plateau_criterion_on_written_curves(tmp_path):
     run = tmp_path / "run"
     (run / "flat").mkdir(parents=True)
     (run / "falling").mkdir()
+    (run / "rising").mkdir()
     lines = []
     for step in range(10, 1001, 10):
         lines.append({"step": step, "tokens": step * 100, "split": "train", "sae": "flat",
                       "mse": 1.0 + 1.0 / step, "l0": 20.0, "explained_variance": 0.9})
         lines.append({"step": step, "tokens": step * 100, "split": "train", "sae": "falling",
                       "mse": 2.0 - step / 1000, "l0": 20.0, "explained_variance": 0.5})
+        lines.append({"step": step, "tokens": step * 100, "split": "train", "sae": "rising",
+                      "mse": 1.0 + step / 1000, "l0": 20.0, "explained_variance": 0.5})
     lines.append({"step": 1000, "split": "eval", "sae": "flat", "mse": 5.0})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     flat, falling = training_summary(run / "flat"), training_summary(run / "falling")
@@ -174,4 +177,8 @@ def test_plateau_criterion_on_written_curves(tmp_path):
     # falling: mean over (40%, 50%] = 2 - 0.455 = 1.545, over (90%, 100%] = 2 - 0.955 = 1.045
     assert falling["plateaued"] is False
     assert falling["mse_drop_second_half"] == pytest.approx((1.545 - 1.045) / 1.545)
+    # a run that got worse is not a plateau: rising's MSE went up 1.455 -> 1.955
+    rising = training_summary(run / "rising")
+    assert rising["plateaued"] is False and rising["mse_rose_second_half"] is True
+    assert flat["mse_rose_second_half"] is False and falling["mse_rose_second_half"] is False
     assert training_summary(tmp_path / "nowhere" / "sae") is None
