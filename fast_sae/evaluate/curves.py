@@ -73,7 +73,8 @@ def plateau(curve: dict[str, np.ndarray]) -> dict[str, Any]:
     l0_change = abs(l0_end - l0_mid) / l0_mid if l0_mid and l0_end is not None else 0.0
     rose = bool(drop <= -MSE_TOLERANCE)
     return {"plateaued": bool(abs(drop) < MSE_TOLERANCE and l0_change < L0_TOLERANCE), "mse_drop_second_half": drop,
-            "mse_rose_second_half": rose, "l0_change_second_half": l0_change, "mse_tokens": "without position 0" if key == "mse_no_pos0" else
+            "mse_rose_second_half": rose, "l0_change_second_half": l0_change,
+            "mse_tokens": "without position 0" if key == "mse_no_pos0" else
             "all tokens (the run logged no sink-free MSE)",
             "criterion": f"training MSE fell < {MSE_TOLERANCE:.0%} and L0 moved < {L0_TOLERANCE:.0%} between the "
                          f"mean of steps ({MID_WINDOW[0]:.0%}, {MID_WINDOW[1]:.0%}] and ({END_WINDOW[0]:.0%}, "
