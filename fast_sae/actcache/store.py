@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fast_sae.redact import redact_text
+
 from .layout import CacheError
 from .location import _DEFAULT_OPTIONS as _DEFAULTS
 from .location import (
@@ -47,7 +49,9 @@ __all__ = ["KeyMissing", "LocalStore", "RemotePath", "StorageConfig", "Store", "
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The first line of an exception's message (a store library's may repeat the endpoint URL with its
+    credentials: those are hidden)."""
+    text = redact_text(str(exc)).strip().splitlines()
     return (text[0][:300] if text else type(exc).__name__)
 
 
