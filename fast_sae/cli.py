@@ -40,7 +40,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except click.ClickException as exc:
-            exc.message = redact_text(exc.message)
+            setattr(exc, "message", redact_text(exc.message))  # noqa: B010 (click marks it final)
             raise
 
 
