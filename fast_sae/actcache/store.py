@@ -264,7 +264,7 @@ class LocalStore(Store):
             return 0
         for f in folder.iterdir():
             pid = f.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not pid_alive(int(pid)):
+            if pid.isascii() and pid.isdigit() and not pid_alive(int(pid)):
                 try:
                     f.unlink()
                     removed += 1

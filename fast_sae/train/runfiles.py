@@ -20,7 +20,7 @@ from typing import Any
 from .errors import RunError
 
 LOCK = "run.lock"
-_TEMP = re.compile(r"\.(?:tmp|old)-(\d+)$")
+_TEMP = re.compile(r"\.(?:tmp|old)-([0-9]+)$")
 
 
 def pid_alive(pid: int) -> bool:

@@ -190,7 +190,14 @@ class Trainer:
         lock, error = RunLock(self.run_dir), None
         if d.main:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if self.run_dir.exists() and not self.run_dir.is_dir():
+                    raise RunError(f"--out {self.run_dir}: exists and is not a folder; name a new or existing run "
+                                   f"folder")
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise RunError(f"--out {self.run_dir}: cannot create the run folder ({exc.strerror or exc})"
+                                   ) from None
                 lock.acquire()
                 remove_stale_temps(self.run_dir)  # leftovers of killed writers: temp files, <sae>.tmp-<pid>/
                 check_run_folder(self.run_dir, self._run_config())
