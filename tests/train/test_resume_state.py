@@ -95,3 +95,11 @@ def test_a_step_far_beyond_the_run_is_refused_at_once_through_the_cli(small_cach
     (ckpt / "LATEST").write_text(json.dumps({"step": 20, "folder": new_folder.name, "world_size": "two"}))
     line = _one_line_error(_cli(small_cache, "--out", run, *CLI_ARGS))
     assert "LATEST: corrupt checkpoint pointer" in line, line
+
+
+def test_out_naming_an_existing_file_is_one_line(small_cache, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    line = _one_line_error(_cli(small_cache, "--out", a_file, *CLI_ARGS))
+    assert "notes.txt: exists and is not a folder" in line, line
+    assert a_file.read_text() == "mine"
