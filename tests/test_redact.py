@@ -85,6 +85,7 @@ def test_no_secret_from_the_command_line_is_written_or_printed(s3, tmp_path):
     ]
     for p in procs:
         assert p.returncode == 0, p.stderr[-3000:]
+    _assert_no_secret([out, run, back], procs)
     assert MASK in (out / "report.json").read_text()  # the command is recorded, its secret hidden
     # credentials inside an endpoint URL, and a failing request: the error names the store, not the secret
     host = s3.endpoint.split("://", 1)[1]
