@@ -25,7 +25,7 @@ _SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential", "
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s?#]*)@")
 _QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
 _KNOWN: set[str] = set()  # secret values seen in this process (never written anywhere)
-_MIN_SECRET = 4  # shorter values are not substituted in free text (they would mangle ordinary words)
+_MIN_SECRET = 8  # shorter values are not substituted in free text (they would mangle ordinary words)
 
 
 def is_secret_key(key: str) -> bool:
@@ -36,7 +36,7 @@ def is_secret_key(key: str) -> bool:
 
 def remember(value: str) -> None:
     """Remember a secret value so that ``redact_text`` removes it from any later message."""
-    if len(value) >= _MIN_SECRET:
+    if len(value) >= _MIN_SECRET and not value.isdigit() and value.lower() not in ("true", "false"):
         _KNOWN.add(value)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.redact import redact_tree
 from fast_sae.saeio import CheckpointConfig, Normalization, TrainingData, id_ranges, resid_post_hook
 
 from .buffer import BatchOrder, mixing_half
@@ -151,10 +152,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _run_config(self) -> dict[str, Any]:
-        return {"train": dataclasses.asdict(self.cfg), "grid": dataclasses.asdict(self.grid),
-                "cache": _cache_identity(self.cache), "cache_path": str(self.cache.path.resolve()),
-                "world_size": self.dist.world, "split": self.split.to_json(),
-                "saes": [s.name for s in self.specs]}
+        """The run's configuration as run_config.json records it (a URL's credentials hidden, the same
+        way on every call, so a resume compares like with like)."""
+        doc: Any = redact_tree({"train": dataclasses.asdict(self.cfg), "grid": dataclasses.asdict(self.grid),
+                                "cache": _cache_identity(self.cache), "cache_path": str(self.cache.path.resolve()),
+                                "world_size": self.dist.world, "split": self.split.to_json(),
+                                "saes": [s.name for s in self.specs]})
+        return dict(doc)
 
     def _build_groups(self, specs: list[SAESpec], scales: dict[int, float], stream: TokenStream,
                       resuming: bool) -> dict[str, SAEGroup]:
