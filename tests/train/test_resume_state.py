@@ -39,7 +39,7 @@ def test_crafted_resume_state_fields_are_one_line_each(small_cache, tmp_path):
     assert _run(small_cache, run, stop=20).status == "stopped"
     ckpt = run / "checkpoint"
     state_file = ckpt / STEP / "rank0.json"
-    good = {f: f.read_bytes() for f in (state_file, ckpt / "LATEST", run / "run_config.json")}
+    good = {f: f.read_bytes() for f in (state_file, ckpt / "LATEST", run / "run_config.json", run / "metrics.jsonl")}
     doc = json.loads(good[state_file])
     tensors = _first_group_tensors(doc)
     group_name = next(iter(dict(_entries(doc)["groups"]["dict"])))
@@ -68,6 +68,8 @@ def test_crafted_resume_state_fields_are_one_line_each(small_cache, tmp_path):
                                              "JSON object\\)"),
         (run / "run_config.json", json.dumps({**json.loads(good[run / "run_config.json"]), "grid": 3}).encode(),
          "field 'grid' is 3, expected an object"),
+        (run / "metrics.jsonl", b'{"step": "abc", "split": "train"}\n' + good[run / "metrics.jsonl"],
+         "metrics.jsonl row 1: field 'step' is abc, expected an integer"),
     ]
     for f, data, message in cases:
         f.write_bytes(data)
