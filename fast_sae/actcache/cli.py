@@ -27,7 +27,8 @@ def copy_cmd(src: str, dst: str, progress: bool, **params: Any) -> None:
 
     Resumable: rerun the same command after an interruption; files already at DST are kept when their
     size and checksum match. Every chunk is checked against its recorded size and checksum on the way;
-    an incomplete source is refused; DST becomes a cache only when the copy is complete."""
+    an incomplete source is refused; DST becomes a cache only when the copy is complete. DST must be new,
+    empty, or an earlier (complete or interrupted) copy of SRC, and not inside SRC."""
     from tqdm import tqdm
 
     from .copy import copy_cache

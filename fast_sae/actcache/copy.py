@@ -5,6 +5,9 @@ but is not one. So the source must be complete; every file that has a recorded c
 on the way (a damaged source chunk stops the copy instead of spreading); the destination's root
 ``zarr.json`` is written last, so an interrupted copy is not a cache and a rerun resumes it: files
 already at the destination are kept when their size and checksum match, and copied otherwise.
+For the same reason the destination must be new, empty, the same cache or an earlier copy of it
+(a folder with other files would end up inside a "complete" cache), never inside the source, and
+the temp files of copies killed earlier are removed once a copy completes.
 """
 from __future__ import annotations
 
