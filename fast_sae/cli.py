@@ -10,6 +10,8 @@ import importlib
 
 import click
 
+from fast_sae.redact import redact_text
+
 _COMMANDS = {
     "harvest": ("fast_sae.harvest.cli", "harvest_cmd"),
     "info": ("fast_sae.harvest.cli", "info_cmd"),
@@ -31,6 +33,15 @@ class LazyGroup(click.Group):
             return None
         module, attr = _COMMANDS[name]
         return getattr(importlib.import_module(module), attr)
+
+    def invoke(self, ctx: click.Context) -> object:
+        """Every subcommand's one-line error passes through the redaction helper on its way out (a
+        message a store library formats may repeat an endpoint URL or an option value)."""
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            setattr(exc, "message", redact_text(exc.message))  # noqa: B010 (click marks it final)
+            raise
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -11,8 +11,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fast_sae"
 
-# shared top-level modules every subpackage may import (fast_sae/options.py: dataclass fields -> CLI options)
-SHARED = {"options"}
+# shared top-level modules every subpackage may import (fast_sae/options.py: dataclass fields -> CLI options;
+# fast_sae/redact.py: hiding credentials in whatever is written or printed)
+SHARED = {"options", "redact"}
 # subpackage -> the other subpackages it may import
 ALLOWED = {
     "actcache": set(),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import layout
-from .commits import read_records
+from .commits import ChunkRecord, chunk_files, read_records
 from .integrity import check_finite, checksum
 from .layout import CacheError
 
@@ -34,6 +34,7 @@ def verify_all(cache: ActivationCache, progress: Any = None) -> int:
         for i in range(cache.n_chunks):
             if i not in records:
                 raise CacheError(f"{cache.store.where(layout.commit_key(i))}: commit record missing")
+            check_record(cache, records[i])
             for key, (nbytes, digest) in records[i].files.items():
                 if "/acts/" in f"/{key}":
                     continue
@@ -46,6 +47,31 @@ def verify_all(cache: ActivationCache, progress: Any = None) -> int:
         if cache.complete:
             cache.layer_stats(layer)
     return n
+
+
+def check_record(cache: ActivationCache, rec: ChunkRecord) -> None:
+    """A commit record agrees with the cache: its chunk index, its row count (from n_tokens and
+    chunk_tokens), the files it names, and (complete caches) the size and checksum the index arrays
+    hold for each activation chunk. A record edited by hand fails here with the field named."""
+    i = rec.index
+    where = cache.store.where(layout.commit_key(i))
+    if rec.rows != cache.chunk_rows(i):
+        raise CacheError(f"{where}: field 'rows' is {rec.rows}, but chunk {i} holds {cache.chunk_rows(i)} tokens "
+                         f"(n_tokens {cache.meta.n_tokens}, chunk_tokens {cache.meta.chunk_tokens}); the record is "
+                         f"corrupt")
+    expected = set(chunk_files(cache.meta, i))
+    if set(rec.files) != expected:
+        odd = sorted(set(rec.files) ^ expected)
+        raise CacheError(f"{where}: field 'files' does not name the chunk's files (e.g. {odd[0]}); the record is "
+                         f"corrupt")
+    if cache.complete:
+        for layer in cache.meta.layers:
+            key = cache.chunk_key(layer, i)
+            nbytes, digest = cache.expected(layer, i)
+            if rec.files[key] != (nbytes, f"{digest:016x}" if digest is not None else rec.files[key][1]):
+                raise CacheError(f"{where}: field 'files' gives {key} as {list(rec.files[key])}, the cache's index "
+                                 f"{[nbytes, f'{digest:016x}' if digest is not None else None]}; the record is "
+                                 f"corrupt")
 
 
 def summary(cache: ActivationCache) -> dict[str, Any]:

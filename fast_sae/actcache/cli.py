@@ -6,6 +6,7 @@ from typing import Any
 import click
 
 from fast_sae.options import click_options, from_options
+from fast_sae.redact import redact_text
 
 from .layout import CacheError
 from .store import StorageConfig
@@ -26,7 +27,8 @@ def copy_cmd(src: str, dst: str, progress: bool, **params: Any) -> None:
 
     Resumable: rerun the same command after an interruption; files already at DST are kept when their
     size and checksum match. Every chunk is checked against its recorded size and checksum on the way;
-    an incomplete source is refused; DST becomes a cache only when the copy is complete."""
+    an incomplete source is refused; DST becomes a cache only when the copy is complete. DST must be new,
+    empty, or an earlier (complete or interrupted) copy of SRC, and not inside SRC."""
     from tqdm import tqdm
 
     from .copy import copy_cache
@@ -39,5 +41,6 @@ def copy_cmd(src: str, dst: str, progress: bool, **params: Any) -> None:
             result = copy_cache(src, dst, options=options, progress=bar.update)
     except CacheError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{dst}: complete copy of {src} ({result.files} files; {result.copied} copied, {result.kept} already "
-               f"there and verified; {result.bytes_copied / 2**20:.1f} MiB transferred)")
+    shown_src, shown_dst = redact_text(src), redact_text(dst)  # a URL's credentials are never printed
+    click.echo(f"{shown_dst}: complete copy of {shown_src} ({result.files} files; {result.copied} copied, "
+               f"{result.kept} already there and verified; {result.bytes_copied / 2**20:.1f} MiB transferred)")

@@ -11,6 +11,7 @@ bytes as one uninterrupted harvest.
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,11 +36,24 @@ class ChunkRecord:
     def from_bytes(cls, data: bytes | memoryview, where: str) -> ChunkRecord:
         try:
             doc = json.loads(bytes(data))
-            files = {str(k): (int(v[0]), str(v[1])) for k, v in doc["files"].items()}
-            return cls(int(doc["chunk"]), int(doc["rows"]), files,
+            files = {str(k): (_count(v[0], "files"), _hex(v[1])) for k, v in doc["files"].items()}
+            return cls(_count(doc["chunk"], "chunk"), _count(doc["rows"], "rows"), files,
                        {str(k): {kk: float(vv) for kk, vv in v.items()} for k, v in doc["stats"].items()})
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise CacheError(f"{where}: corrupt commit record ({exc})") from None
+
+
+def _count(value: object, field: str) -> int:
+    """A JSON integer >= 0 (not a bool, a float or a string of digits)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"field {field!r} is {value!r}, expected a non-negative integer")
+    return value
+
+
+def _hex(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{16}", value):
+        raise ValueError(f"checksum {str(value)[:20]!r}, expected 16 hex digits")
+    return value
 
 
 def chunk_files(meta: CacheMeta, index: int) -> list[str]:
@@ -56,7 +70,7 @@ def committed_indices(store: Store) -> set[int]:
     out = set()
     for key in store.list(layout.COMMITS):
         name = key.rsplit("/", 1)[-1]
-        if name.endswith(".json") and name[:-5].isdigit():
+        if name.endswith(".json") and name[:-5].isascii() and name[:-5].isdigit():
             out.add(int(name[:-5]))
     return out
 

@@ -5,6 +5,9 @@ but is not one. So the source must be complete; every file that has a recorded c
 on the way (a damaged source chunk stops the copy instead of spreading); the destination's root
 ``zarr.json`` is written last, so an interrupted copy is not a cache and a rerun resumes it: files
 already at the destination are kept when their size and checksum match, and copied otherwise.
+For the same reason the destination must be new, empty, the same cache or an earlier copy of it
+(a folder with other files would end up inside a "complete" cache), never inside the source, and
+the temp files of copies killed earlier are removed once a copy completes.
 """
 from __future__ import annotations
 
@@ -40,8 +43,7 @@ def _recorded(cache: ActivationCache) -> dict[str, tuple[int, str]]:
 def copy_cache(src: str | Path | RemotePath, dst: str | Path | RemotePath, options: dict[str, str] | None = None,
                progress: Callable[[int], None] | None = None, threads: int = 8) -> CopyResult:
     src_loc, dst_loc = parse_location(src), parse_location(dst)
-    if str(src_loc) == str(dst_loc):
-        raise CacheError(f"{dst_loc}: source and destination are the same")
+    _check_places(src_loc, dst_loc)
     cache = ActivationCache.open(src_loc, require_complete=True, options=options)
     source = cache.store
     dest = open_store(dst_loc, options)
@@ -52,12 +54,15 @@ def copy_cache(src: str | Path | RemotePath, dst: str | Path | RemotePath, optio
         existing_root = None
     if existing_root is not None and existing_root != root:
         raise CacheError(f"{dest.where('zarr.json')}: the destination holds another cache; use another destination")
-    if isinstance(dest, LocalStore) and dest.root.exists() and not dest.root.is_dir():
-        raise CacheError(f"{dest.root}: exists and is not a folder")
     files = source.list()
+    have = dest.list()
+    foreign = sorted(k for k in have if k not in files)
+    if foreign:  # not empty, and not (a partial copy of) this cache: its files would end up inside the cache
+        raise CacheError(f"{dest.where(foreign[0])}: the destination holds files that are not part of this cache "
+                         f"({len(foreign)} such); copy into a new or empty folder, or into an earlier copy of "
+                         f"the same cache to resume it")
     files.pop("zarr.json", None)
     recorded = _recorded(cache)
-    have = dest.list()
 
     def one(key: str) -> tuple[int, int]:
         """(bytes copied, 1 if kept)"""
@@ -89,8 +94,27 @@ def copy_cache(src: str | Path | RemotePath, dst: str | Path | RemotePath, optio
             if progress is not None:
                 progress(files[key])
     dest.put("zarr.json", root)  # the commit point: the destination is a cache from here on
+    if isinstance(dest, LocalStore):
+        dest.sweep_tmp()  # temp files of copies killed before this one finished
     ActivationCache.open(dst_loc, require_complete=True, options=options)  # validates what arrived
     return CopyResult(files=len(files) + 1, copied=copied + 1, kept=kept, bytes_copied=nbytes + len(root))
+
+
+def _check_places(src: Path | RemotePath, dst: Path | RemotePath) -> None:
+    """Refuse a destination that is the source, lies inside it, or is an existing file."""
+    if isinstance(src, Path) and isinstance(dst, Path):
+        a, b = src.resolve(), dst.resolve()
+        if a == b:
+            raise CacheError(f"{dst}: source and destination are the same")
+        if a in b.parents:
+            raise CacheError(f"{dst}: the destination lies inside the source cache {src}; copy it elsewhere")
+    elif isinstance(src, RemotePath) and isinstance(dst, RemotePath):
+        if src.url == dst.url:
+            raise CacheError(f"{dst}: source and destination are the same")
+        if dst.url.startswith(src.url.rstrip("/") + "/"):
+            raise CacheError(f"{dst}: the destination lies inside the source cache {src}; copy it elsewhere")
+    if isinstance(dst, Path) and dst.exists() and not dst.is_dir():
+        raise CacheError(f"{dst}: exists and is not a folder; name a new or empty folder")
 
 
 def total_bytes(store: Store) -> int:

@@ -70,7 +70,7 @@ def _build(folder: Path, meta: CacheMeta, tokens: Any, tokenizer: Any | None) ->
         except OSError:
             raise
         except Exception as exc:  # the Rust tokenizers library raises a plain Exception for I/O errors
-            code = re.search(r"os error (\d+)", str(exc))
+            code = re.search(r"os error ([0-9]+)", str(exc))
             raise OSError(int(code.group(1)) if code else errno.EIO, str(exc).splitlines()[0] if str(exc) else
                           type(exc).__name__, str(folder / layout.TOKENIZER_DIR)) from None
     attrs = meta.to_attrs()

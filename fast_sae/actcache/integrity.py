@@ -60,14 +60,21 @@ def encode_chunk(rows: np.ndarray, chunk_tokens: int, dtype: str, compression: s
 
 
 def decode_chunk(data: bytes | memoryview, rows: int, d: int, dtype: str, compression: str,
-                 where: str) -> np.ndarray:
-    """The first ``rows`` rows of a stored chunk, read-only, without a copy when uncompressed."""
+                 where: str, chunk_tokens: int | None = None) -> np.ndarray:
+    """The first ``rows`` rows of a stored chunk, read-only, without a copy when uncompressed.
+    A compressed chunk decodes into a buffer of the chunk's size (``chunk_tokens`` rows): a frame that
+    claims more is refused, never expanded."""
     dt = np.dtype(dtype).newbyteorder("<")
     if compression == "zstd":
         from numcodecs import Zstd
 
+        size = (chunk_tokens or rows) * d * dt.itemsize
+        content = zstd_content_size(data)
+        if content != size:
+            raise CacheError(f"{where}: compressed chunk declares {content} bytes, expected {size}; the chunk is "
+                             f"corrupt")
         try:
-            data = Zstd().decode(data)
+            data = Zstd().decode(data, out=np.empty(size, dtype=np.uint8))
         except Exception as exc:  # numcodecs raises RuntimeError/ValueError on damaged frames
             raise CacheError(f"{where}: cannot decode chunk ({str(exc).splitlines()[0] if str(exc) else 'zstd'})"
                              ) from None
@@ -75,6 +82,24 @@ def decode_chunk(data: bytes | memoryview, rows: int, d: int, dtype: str, compre
     if arr.size < rows * d:
         raise CacheError(f"{where}: chunk holds {arr.size} values, expected at least {rows * d}")
     return arr[:rows * d].reshape(rows, d)
+
+
+def zstd_content_size(data: bytes | memoryview) -> int | None:
+    """The decompressed size a zstd frame's header declares (None: not a frame, or no size field).
+
+    Read before decoding, so a frame that would expand beyond the chunk's size is refused rather than
+    decoded (RFC 8878, 3.1.1.1: magic, descriptor, window byte, dictionary id, content size)."""
+    head = bytes(memoryview(data)[:18])
+    if len(head) < 5 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    desc = head[4]
+    fcs_flag, single, dict_flag = desc >> 6, (desc >> 5) & 1, desc & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    n = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if n == 0 or len(head) < pos + n:
+        return None
+    value = int.from_bytes(head[pos:pos + n], "little")
+    return value + 256 if n == 2 else value
 
 
 def check_finite(rows: np.ndarray, where: str, first_token: int | np.ndarray) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fast_sae.options import setting
+from fast_sae.redact import redact_url, remember_options
 
 from .layout import CacheError
 
@@ -45,6 +46,7 @@ def parse_storage_options(items: list[str]) -> dict[str, str]:
         if not sep or not key.strip():
             raise CacheError(f"--storage-option {item.split('=')[0]!r}: expected KEY=VALUE")
         out[key.strip()] = value.strip()
+    remember_options(out)  # so that no message or file shows them (fast_sae/redact.py)
     return out
 
 
@@ -61,10 +63,11 @@ def set_default_storage_options(options: dict[str, str]) -> None:
 class RemotePath:
     """A remote cache location, usable where a cache's ``path`` is shown or compared."""
 
-    url: str
+    url: str  # as given, credentials included: only ever handed to the store client
 
     def __str__(self) -> str:
-        return self.url
+        """The URL as it may be shown or recorded: user-info and credential query values hidden."""
+        return redact_url(self.url)
 
     def __fspath__(self) -> str:  # refuse silently turning a URL into a local path
         raise TypeError(f"{self.url} is a remote location, not a local path")

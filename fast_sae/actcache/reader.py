@@ -64,8 +64,10 @@ class ActivationCache:
     def open(cls, path: str | Path | RemotePath, require_complete: bool = True,
              options: dict[str, str] | None = None, verify: bool = True) -> ActivationCache:
         store = open_store(path, options)
-        if isinstance(store, LocalStore) and not store.root.is_dir():
-            raise CacheError(f"{store.root}: no such cache folder")
+        if isinstance(store, LocalStore):
+            if not store.root.is_dir():
+                raise CacheError(f"{store.root}: no such cache folder")
+            store.list()  # refuses a symlink, device or FIFO anywhere in the cache (one walk; no file is read)
         doc = read_root(store)
         attrs = doc.get("attributes") or {}
         meta = CacheMeta.from_attrs(attrs, store.where("zarr.json"))
@@ -233,7 +235,7 @@ class ActivationCache:
         nbytes, _ = self.expected(layer, index)
         data = self.store.get_checked(key, nbytes, lambda d: self._verify_bytes(layer, index, d))
         return decode_chunk(data, self.chunk_rows(index), self.meta.d_model, self.meta.dtype,
-                            self.meta.compression, str(self.chunk_file(layer, index)))
+                            self.meta.compression, str(self.chunk_file(layer, index)), self.meta.chunk_tokens)
 
     def _verify_file(self, layer: int, index: int) -> None:
         """Checksum of one local chunk file, hashed straight from its memory map (on a read-ahead
@@ -255,7 +257,8 @@ class ActivationCache:
             if arr is not None:
                 self._mapped.move_to_end(key)
                 return arr
-        arr = map_chunk_file(Path(str(self.chunk_file(layer, index))), self.chunk_bytes(),
+        assert isinstance(self.store, LocalStore)  # memmappable caches only
+        arr = map_chunk_file(self.store, self.chunk_key(layer, index), self.chunk_bytes(),
                              np.dtype(self.meta.dtype).newbyteorder("<"), (self.meta.chunk_tokens, self.meta.d_model))
         with self._verify_lock:
             self._mapped[key] = arr

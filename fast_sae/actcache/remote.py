@@ -59,7 +59,7 @@ class ObjectStore(Store):
         except ox.BaseError as exc:
             raise OSError(_one_line(exc)) from None
 
-    def get(self, key: str) -> memoryview:
+    def get(self, key: str, limit: int | None = None) -> memoryview:
         import obstore
 
         return memoryview(self._call(key, lambda: obstore.get(self.store, key).bytes()))
@@ -134,7 +134,7 @@ class FsspecStore(Store):
         except FileNotFoundError:
             raise KeyMissing(f"{self.where(key)}: missing") from None
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, limit: int | None = None) -> bytes:
         from zarr.core.buffer import default_buffer_prototype
 
         buf = self._sync(key, self.zstore.get(key, prototype=default_buffer_prototype()))

@@ -16,13 +16,17 @@ they are handed to the store client only, never written into a cache, a run fold
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from fast_sae.redact import redact_text
 
 from .layout import CacheError
 from .location import _DEFAULT_OPTIONS as _DEFAULTS
@@ -47,7 +51,9 @@ __all__ = ["KeyMissing", "LocalStore", "RemotePath", "StorageConfig", "Store", "
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The first line of an exception's message (a store library's may repeat the endpoint URL with its
+    credentials: those are hidden)."""
+    text = redact_text(str(exc)).strip().splitlines()
     return (text[0][:300] if text else type(exc).__name__)
 
 
@@ -60,7 +66,9 @@ class Store:
 
     location: Path | RemotePath
 
-    def get(self, key: str) -> bytes | memoryview:
+    def get(self, key: str, limit: int | None = None) -> bytes | memoryview:
+        """The object's bytes. ``limit``: the caller needs at most this many (a local store reads no
+        more than limit + 1, so a file of the wrong size is told without reading all of it)."""
         raise NotImplementedError
 
     def put(self, key: str, data: bytes | memoryview) -> None:
@@ -90,7 +98,7 @@ class Store:
                     check: Callable[[bytes | memoryview], None] | None = None) -> bytes | memoryview:
         """``get`` with retries; a body of the wrong size, or one ``check`` rejects, counts as a failed try."""
         def once() -> bytes | memoryview:
-            data = self.get(key)
+            data = self.get(key, nbytes)
             if nbytes is not None and len(data) != nbytes:
                 raise CacheError(f"{self.where(key)}: got {len(data)} bytes, expected {nbytes}")
             if check is not None:
@@ -130,13 +138,62 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / key
 
-    def get(self, key: str) -> bytes:
+    def open_file(self, key: str) -> tuple[int, int]:
+        """(descriptor, size) of the regular file under ``key``, opened read-only.
+
+        Only a regular file inside the cache is accepted: the last component is opened with
+        O_NOFOLLOW (a symlink is refused, wherever it points), the folders above it must resolve
+        inside the cache root, and the opened file must be a regular file (fstat), not a device
+        such as /dev/zero or a FIFO; O_NONBLOCK keeps the open of a FIFO from waiting for a
+        writer. The caller closes the descriptor."""
+        path = self._path(key)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         try:
-            return self._path(key).read_bytes()
+            fd = os.open(path, flags)
         except FileNotFoundError:
-            raise KeyMissing(f"{self._path(key)}: missing") from None
+            raise KeyMissing(f"{path}: missing") from None
         except IsADirectoryError:
-            raise KeyMissing(f"{self._path(key)}: is a folder, expected a file") from None
+            raise KeyMissing(f"{path}: is a folder, expected a file") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CacheError(f"{path}: is a symbolic link; a cache holds only regular files") from None
+            if exc.errno == errno.ENOTDIR:
+                raise KeyMissing(f"{path}: missing") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                what = "a folder" if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)
+                raise CacheError(f"{path}: is {what}; a cache holds only regular files")
+            self._check_inside(path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
+
+    def _check_inside(self, path: Path) -> None:
+        """The folder holding ``path`` resolves inside the cache root (no symlinked folder leads out)."""
+        root = os.path.realpath(self.root)
+        parent = os.path.realpath(path.parent)
+        if parent != root and not parent.startswith(root.rstrip(os.sep) + os.sep):
+            raise CacheError(f"{path}: its folder resolves to {parent}, outside the cache {root}; a cache holds "
+                             f"only regular files (no symbolic links)")
+
+    def get(self, key: str, limit: int | None = None) -> bytes:
+        """The bytes of ``key``; with ``limit``, at most limit + 1 of them (enough to tell a wrong size)."""
+        fd, size = self.open_file(key)
+        try:
+            want = size if limit is None else min(size, limit + 1)
+            parts, got = [], 0
+            while got < want:
+                part = os.read(fd, min(want - got, 1 << 26))
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         target = self._path(key)
@@ -152,8 +209,10 @@ class LocalStore(Store):
             raise CacheError(f"{target}: cannot write ({exc.strerror or exc})") from None
 
     def size(self, key: str) -> int | None:
+        """Size of the file under ``key`` (not following a symlink: a link's own size never matches a
+        recorded one, and reading it is refused)."""
         try:
-            st = os.stat(self._path(key))
+            st = os.lstat(self._path(key))
         except (FileNotFoundError, NotADirectoryError):
             return None
         return st.st_size
@@ -168,12 +227,20 @@ class LocalStore(Store):
             if rel_dir == ".":
                 dirnames[:] = [d for d in dirnames if d not in (TMP_DIR,)]
                 filenames = [f for f in filenames if f != LOCK_FILE]
+            for name in dirnames:
+                if os.path.islink(os.path.join(dirpath, name)):
+                    raise CacheError(f"{os.path.join(dirpath, name)}: is a symbolic link; a cache holds only "
+                                     f"regular files and folders")
             for name in filenames:
                 key = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
                 try:
-                    out[key] = os.stat(os.path.join(dirpath, name)).st_size
+                    st = os.lstat(os.path.join(dirpath, name))
                 except FileNotFoundError:
                     continue
+                if not stat.S_ISREG(st.st_mode):
+                    raise CacheError(f"{os.path.join(dirpath, name)}: is {_kind(st.st_mode)}; a cache holds only "
+                                     f"regular files")
+                out[key] = st.st_size
         return out
 
     def delete(self, key: str) -> None:
@@ -197,13 +264,26 @@ class LocalStore(Store):
             return 0
         for f in folder.iterdir():
             pid = f.name.rsplit(".", 1)[-1]
-            if pid.isdigit() and not pid_alive(int(pid)):
+            if pid.isascii() and pid.isdigit() and not pid_alive(int(pid)):
                 try:
                     f.unlink()
                     removed += 1
                 except OSError:
                     pass
         return removed
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular directory entry is, for an error line."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
 
 
 @dataclass

@@ -15,6 +15,7 @@ one uninterrupted harvest writes. So
 from __future__ import annotations
 
 import json
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class TokenArrays:
 def parse_worker(text: str) -> tuple[int, int]:
     """'I/N' -> (I, N) with 0 <= I < N."""
     left, sep, right = str(text).partition("/")
-    if not sep or not left.strip().isdigit() or not right.strip().isdigit():
+    if not sep or not re.fullmatch(r"[0-9]+", left.strip()) or not re.fullmatch(r"[0-9]+", right.strip()):
         raise CacheError(f"--worker {text!r}: expected I/N, e.g. 0/4")
     i, n = int(left), int(right)
     if n < 1 or not 0 <= i < n:

@@ -13,6 +13,7 @@ import click
 
 from fast_sae.actcache import StorageConfig, set_default_storage_options
 from fast_sae.options import click_options, from_options
+from fast_sae.redact import redact_text
 
 from .config import EvalConfig
 from .errors import EvalError
@@ -61,12 +62,12 @@ def evaluate_cmd(saes: tuple[Path, ...], cache: Path | None, eval_caches: tuple[
 
             ActivationCache.open(cache)  # must at least be a readable cache (it names the training data)
         cfg = from_options(EvalConfig, params, saes=list(saes), caches=caches)
-        report = run_evaluation(cfg, log=lambda msg: click.echo(msg, err=True))
+        report = run_evaluation(cfg, log=lambda msg: click.echo(redact_text(msg), err=True))
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo("\n" + summary_table(report) + "\n")
     for w in report["warnings"]:
-        click.echo(f"warning: {w}", err=True)
+        click.echo(redact_text(f"warning: {w}"), err=True)
     click.echo(f"{len(report['rows'])} SAE evaluation(s) in {report['seconds']:.1f} s -> {cfg.out / 'report.json'}, "
                f"{cfg.out / 'report.md'}, {len(report['plots'])} plot(s) in {cfg.out / 'plots'}")
 

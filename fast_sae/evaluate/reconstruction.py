@@ -123,7 +123,8 @@ def log2_mse(mse: float) -> float:
 
 def non_finite_warnings(label: str, result: ReconstructionResult) -> list[str]:
     """One line per problem that makes this result's numbers meaningless (NaN/Inf in the activations,
-    the SAE's weights or its output), for report.json/report.md and stderr."""
+    the SAE's weights or its output) or unusual (an MSE of exactly 0, whose log2 is −inf), for
+    report.json/report.md and stderr."""
     nf = result.extra.get("non_finite", {})
     out = []
     if nf.get("weights"):
@@ -138,6 +139,11 @@ def non_finite_warnings(label: str, result: ReconstructionResult) -> list[str]:
     if bad:
         out.append(f"{label}: MSE is non-finite on subset(s) {', '.join(bad)}; log2 MSE is reported as "
                    f"{result.subsets[bad[0]]['log2_mse']}, not a score")
+    exact = [k for k, v in result.subsets.items() if v.get("mse") == 0.0]
+    if exact:
+        out.append(f"{label}: MSE is exactly 0 on subset(s) {', '.join(exact)} (an exact reconstruction, e.g. an "
+                   f"SAE that can copy its input); log2 MSE is reported as -inf there, which is not a number to "
+                   f"average or compare on a frontier")
     return out
 
 

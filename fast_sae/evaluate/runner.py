@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fast_sae.actcache import ActivationCache
+from fast_sae.redact import redact_argv
 
 from .config import EvalConfig
 from .curves import training_summary
@@ -207,7 +208,7 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     entries = load_entries(sae_paths, device=cfg.device)
     plans, warnings = _plan(cfg, entries)  # every check first: fail before any long pass
     models = _load_models(cfg, plans, models, log)
-    report = new_report(sys.argv, _settings(cfg, plans))
+    report = new_report(redact_argv(sys.argv), _settings(cfg, plans))  # no credential in a report
     report["warnings"] += warnings
     report["caches"] = {str(p.cache.path): p.describe() for p in plans}
     rows_by_cache = {str(p.cache.path): _evaluate_cache(cfg, entries, p, len(plans), models, report, log)

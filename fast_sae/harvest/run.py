@@ -16,6 +16,7 @@ from fast_sae.actcache.store import open_store
 from fast_sae.actcache.writer import parse_worker
 from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer, model_info, resolve
 from fast_sae.options import setting
+from fast_sae.redact import redact_tree, redact_url
 
 from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_conversations, iter_texts
 from .engine import BACKENDS, Engine, choose_backend, engine_version, make_engine
@@ -109,6 +110,13 @@ class HarvestConfig:
         return d
 
 
+def _recorded(args: dict[str, Any]) -> dict[str, Any]:
+    """Harvest arguments as the cache records them: a URL's credentials (a dataset behind basic auth)
+    are hidden (fast_sae/redact.py); the same on every resume, so the comparison still holds."""
+    out: Any = redact_tree(args)
+    return dict(out)
+
+
 def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, Any]:
     assert cfg.dataset is not None  # resolved() chose the embedded default
     src = DataSource(cfg.dataset, cfg.dataset_split, cfg.dataset_config, cfg.max_samples)
@@ -149,10 +157,10 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,
         layers=cfg.layers, dtype=cfg.dtype, regime=cfg.regime, context_size=cfg.context_size,
-        dataset=cfg.dataset or "", dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
+        dataset=redact_url(cfg.dataset or ""), dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
         n_tokens=len(stream.ids), n_sequences=len(stream.seq_starts) - 1, chunk_tokens=cfg.chunk_tokens,
         compression=cfg.compression, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        special_token_ids=[int(i) for i in info.special_ids], harvest_args=cfg.byte_args(),
+        special_token_ids=[int(i) for i in info.special_ids], harvest_args=_recorded(cfg.byte_args()),
         engine=cfg.backend, engine_version=engine_version(cfg.backend), model_dtype=cfg.model_dtype)
     worker = parse_worker(cfg.worker or "0/1")
     options = cfg.storage.options()
@@ -210,7 +218,7 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
     elapsed = time.perf_counter() - t0
     summary = {
         **base, "model": cfg.model, "engine": f"{cfg.backend} ({backend_why})", "regime": cfg.regime,
-        "dataset": cfg.dataset,
+        "dataset": redact_url(cfg.dataset or ""),
         "sequences": meta.n_sequences, "layers": cfg.layers, "d_model": d_model,
         "tokens_this_run": tokens_todo, "tokens_computed": computed, "chunks_this_run": len(pending),
         "complete": result is not None, "forward_seconds": round(t_done - t_fwd, 2),

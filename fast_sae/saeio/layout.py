@@ -77,7 +77,7 @@ def to_cfg_json(cfg: CheckpointConfig, where: str = "cfg") -> dict[str, Any]:
 
 def _reads_as_6(version: str | None) -> bool:
     """Whether SAELens reads a file with this ``sae_lens_version`` in its 6.x layout (major version >= 6)."""
-    m = re.match(r"(\d+)\.", version or "")
+    m = re.match(r"([0-9]+)\.", version or "")
     return m is not None and int(m.group(1)) >= 6
 
 
@@ -87,6 +87,7 @@ def from_cfg_json(doc: Mapping[str, Any], where: str) -> CheckpointConfig:
     if not isinstance(doc, Mapping):
         raise CheckpointError(f"{where}: expected a JSON object")
     doc = dict(doc)
+    _dtype_device(doc, where)
     meta = doc.get("metadata")
     cfg = _from_sae_lens_6(doc, meta, where) if isinstance(meta, dict) else _from_flat(doc, where)
     check(cfg, where)
@@ -107,6 +108,25 @@ def check(cfg: CheckpointConfig, where: str) -> None:
         raise CheckpointError(f"{where}: {cfg.architecture} checkpoint without a positive integer field 'k'")
     if cfg.k is not None and not arch.records_k:
         raise CheckpointError(f"{where}: field 'k' = {cfg.k!r}, but a {cfg.architecture} SAE has no k")
+    if cfg.k is not None and not 0 < cfg.k <= cfg.d_sae:
+        raise CheckpointError(f"{where}: field 'k' = {cfg.k!r}, expected 1..d_sae ({cfg.d_sae}): an SAE cannot keep "
+                              f"more latents than it has")
+
+
+# Values of the SAELens fields ``dtype`` and ``device`` this reader accepts. Weights are always read as
+# float32 and placed on the device the caller asks for; the recorded values only say how the writer held
+# them, so they are checked (a typo or a crafted value is refused) but never acted on.
+_DTYPES = {"float32", "float16", "bfloat16", "float64"}
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:(0|[1-9][0-9]{0,2}))?")
+
+
+def _dtype_device(doc: Mapping[str, Any], where: str) -> None:
+    dtype, device = doc.get("dtype"), doc.get("device")
+    if dtype is not None and (not isinstance(dtype, str) or dtype.removeprefix("torch.") not in _DTYPES):
+        raise CheckpointError(f"{where}: field 'dtype' = {dtype!r}, expected one of {sorted(_DTYPES)}")
+    if device is not None and (not isinstance(device, str) or not _DEVICE.fullmatch(device)):
+        raise CheckpointError(f"{where}: field 'device' = {device!r}, expected cpu, cuda, cuda:N, mps or xpu "
+                              f"(it is not used: weights load on the device asked for)")
 
 
 def _need(doc: Mapping[str, Any], key: str, where: str, prefix: str = "", kind: type = object) -> Any:

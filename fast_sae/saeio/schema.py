@@ -22,7 +22,7 @@ from .errors import CheckpointError
 Range = tuple[int, int]  # [start, stop)
 
 NORMALIZATION_METHODS = ("content", "all", "none")
-_RESID_POST = re.compile(r"blocks\.(\d+)\.hook_resid_post")
+_RESID_POST = re.compile(r"blocks\.(0|[1-9][0-9]*)\.hook_resid_post")  # ASCII digits only: no "blocks.٣."
 
 
 def resid_post_hook(layer: int) -> str:

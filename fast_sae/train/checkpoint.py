@@ -22,6 +22,7 @@ from typing import Any
 
 from .distributed import Dist
 from .errors import RunError
+from .resume import is_int
 from .runfiles import remove_stale_temps
 from .statefile import StateFormatError, load_state, save_state
 
@@ -33,6 +34,7 @@ class Checkpointer:
         self.dir = run_dir / "checkpoint"
         self.d = d
         self.echo = echo
+        self.loaded: tuple[str, int] = ("", 0)  # (state file, LATEST's step) of the last load
 
     def latest(self) -> dict[str, Any] | None:
         f = self.dir / LATEST
@@ -42,9 +44,18 @@ class Checkpointer:
             info = json.loads(f.read_text())
         except (ValueError, UnicodeDecodeError):
             info = None
-        if not isinstance(info, dict) or not isinstance(info.get("step"), int) \
-                or not re.fullmatch(r"step_\d+", str(info.get("folder"))):
-            raise RunError(f"{f}: corrupt checkpoint pointer; delete {self.dir} to restart")
+        if not isinstance(info, dict):
+            raise RunError(f"{f}: corrupt checkpoint pointer (not a JSON object); delete {self.dir} to restart")
+        step, folder, world = info.get("step"), info.get("folder"), info.get("world_size", 1)
+        bad = None
+        if not is_int(step) or step < 0:
+            bad = f"field 'step' is {str(step)[:40]}, expected a non-negative integer"
+        elif not isinstance(folder, str) or not re.fullmatch(r"step_[0-9]{10}", folder) or int(folder[5:]) != step:
+            bad = f"field 'folder' is {str(folder)[:40]}, expected step_{step:010d}"
+        elif not is_int(world) or not 1 <= world <= 1 << 20:
+            bad = f"field 'world_size' is {str(world)[:40]}, expected a positive integer"
+        if bad is not None:
+            raise RunError(f"{f}: corrupt checkpoint pointer ({bad}); delete {self.dir} to restart")
         return info
 
     def save(self, step: int, state: dict[str, Any]) -> None:
@@ -89,7 +100,7 @@ class Checkpointer:
         self.d.barrier()
         if info is None:
             return None
-        if int(info.get("world_size", 1)) != self.d.world:
+        if info.get("world_size", 1) != self.d.world:
             raise RunError(f"{self.dir}: checkpoint taken with {info.get('world_size')} processes, now "
                            f"{self.d.world}; resume with the same number of processes")
         folder = self.dir / info["folder"]
@@ -113,7 +124,8 @@ class Checkpointer:
         if not isinstance(state, dict) or not {"step", "groups", "optims", "torch_rng"} <= set(state):
             raise RunError(f"{stem}.json: not a training checkpoint (fields step, groups, optims, torch_rng); "
                            f"delete {self.dir} to restart")
-        return state
+        self.loaded = (f"{stem}.json", int(info["step"]))
+        return state  # not yet checked against the run: resume.check_state does that before any use
 
     def remove(self) -> None:
         self.d.barrier()

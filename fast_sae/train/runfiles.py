@@ -20,7 +20,7 @@ from typing import Any
 from .errors import RunError
 
 LOCK = "run.lock"
-_TEMP = re.compile(r"\.(?:tmp|old)-(\d+)$")
+_TEMP = re.compile(r"\.(?:tmp|old)-([0-9]+)$")
 
 
 def pid_alive(pid: int) -> bool:
@@ -108,7 +108,13 @@ def truncate_metrics(f: Path, step: int) -> None:
     """Keep the train lines up to ``step`` so a resumed run's file equals an uninterrupted one's."""
     if not f.is_file():
         return
-    keep = [line for line, r in _lines(f) if r.get("step", 0) <= step and r.get("split") == "train"]
+    rows = _lines(f)
+    for n, (_, r) in enumerate(rows, 1):
+        value = r.get("step", 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RunError(f"{f} row {n}: field 'step' is {str(value)[:40]}, expected an integer; the metrics file "
+                           f"is damaged (move it away to resume)")
+    keep = [line for line, r in rows if r.get("step", 0) <= step and r.get("split") == "train"]
     write_text_atomic(f, "".join(line + "\n" for line in keep))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fast_sae.actcache import ActivationCache, CacheError
+from fast_sae.redact import redact_tree
 from fast_sae.saeio import CheckpointConfig, Normalization, TrainingData, id_ranges, resid_post_hook
 
 from .buffer import BatchOrder, mixing_half
@@ -34,6 +35,7 @@ from .loader import DataSplit, Prefetcher, TokenStream, readers_for
 from .memory import estimate
 from .normalize import initial_b_dec, normalization, normalization_source, sample_indices
 from .report import format_table
+from .resume import check_state, is_int
 from .runfiles import RunLock, append_jsonl, read_metrics, remove_stale_temps, truncate_metrics, write_text_atomic
 from .saes import GROUP_CLASSES, SAEGroup
 from .saes.sparse import spec_decoder_path
@@ -75,6 +77,25 @@ def _comparable(run_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"train": train, "grid": run_cfg["grid"], "cache": run_cfg["cache"], "world_size": run_cfg["world_size"]}
 
 
+def _check_run_config(doc: Any, f: Path) -> None:
+    """The fields of a recorded run configuration that a resume reads, by type, before any use."""
+    bad = None
+    if not isinstance(doc, dict):
+        bad = f"is {type(doc).__name__}, expected a JSON object"
+    else:
+        for key in ("train", "grid", "cache"):
+            if not isinstance(doc.get(key), dict):
+                bad = f"field {key!r} is {str(doc.get(key))[:40]}, expected an object"
+                break
+        else:
+            if not isinstance(doc["grid"].get("architectures") or [], list):
+                bad = f"field 'grid.architectures' is {str(doc['grid'].get('architectures'))[:40]}, expected a list"
+            elif not is_int(doc.get("world_size")) or doc["world_size"] < 1:
+                bad = f"field 'world_size' is {str(doc.get('world_size'))[:40]}, expected a positive integer"
+    if bad is not None:
+        raise RunError(f"{f}: corrupt run configuration ({bad}); use another --out")
+
+
 def check_run_folder(run_dir: Path, run_cfg: dict[str, Any]) -> None:
     """A run folder belongs to one configuration: refuse to resume it with another."""
     f = run_dir / RUN_CONFIG
@@ -82,8 +103,9 @@ def check_run_folder(run_dir: Path, run_cfg: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(f.read_text())
-    except ValueError:
-        raise RunError(f"{f}: corrupt run configuration; use another --out") from None
+    except (ValueError, UnicodeDecodeError):
+        raise RunError(f"{f}: corrupt run configuration (not JSON); use another --out") from None
+    _check_run_config(old, f)
     old_c, new_c = _comparable(old), _comparable(run_cfg)
     if old_c == new_c:
         return
@@ -130,10 +152,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _run_config(self) -> dict[str, Any]:
-        return {"train": dataclasses.asdict(self.cfg), "grid": dataclasses.asdict(self.grid),
-                "cache": _cache_identity(self.cache), "cache_path": str(self.cache.path.resolve()),
-                "world_size": self.dist.world, "split": self.split.to_json(),
-                "saes": [s.name for s in self.specs]}
+        """The run's configuration as run_config.json records it (a URL's credentials hidden, the same
+        way on every call, so a resume compares like with like)."""
+        doc: Any = redact_tree({"train": dataclasses.asdict(self.cfg), "grid": dataclasses.asdict(self.grid),
+                                "cache": _cache_identity(self.cache), "cache_path": str(self.cache.path.resolve()),
+                                "world_size": self.dist.world, "split": self.split.to_json(),
+                                "saes": [s.name for s in self.specs]})
+        return dict(doc)
 
     def _build_groups(self, specs: list[SAESpec], scales: dict[int, float], stream: TokenStream,
                       resuming: bool) -> dict[str, SAEGroup]:
@@ -169,7 +194,14 @@ class Trainer:
         lock, error = RunLock(self.run_dir), None
         if d.main:
             try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
+                if self.run_dir.exists() and not self.run_dir.is_dir():
+                    raise RunError(f"--out {self.run_dir}: exists and is not a folder; name a new or existing run "
+                                   f"folder")
+                try:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise RunError(f"--out {self.run_dir}: cannot create the run folder ({exc.strerror or exc})"
+                                   ) from None
                 lock.acquire()
                 remove_stale_temps(self.run_dir)  # leftovers of killed writers: temp files, <sae>.tmp-<pid>/
                 check_run_folder(self.run_dir, self._run_config())
@@ -191,7 +223,14 @@ class Trainer:
         d, run_cfg = self.dist, self._run_config()
         summary_file = self.run_dir / SUMMARY
         if summary_file.is_file():
-            rows = json.loads(summary_file.read_text()).get("saes", [])
+            try:
+                doc = json.loads(summary_file.read_text())
+            except (ValueError, UnicodeDecodeError):
+                doc = None
+            rows = doc.get("saes") if isinstance(doc, dict) else None
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise RunError(f"{summary_file}: corrupt run summary (field 'saes' must be a list of objects); "
+                               f"move it away to finish the run again")
             if d.main:
                 shutil.rmtree(self.run_dir / "checkpoint", ignore_errors=True)  # outlived a finished run
                 self.echo(f"{self.run_dir}: run already finished")
@@ -227,11 +266,16 @@ class Trainer:
         optims = self._optimizers(groups)
         start = 0
         if state is not None:
-            start = int(state["step"])
-            for k, g in groups.items():
-                g.load_state_dict(state["groups"][k])
-                optims[k].load_state_dict(state["optims"][k])
-            torch.set_rng_state(state["torch_rng"])
+            where, pointer_step = ckpt.loaded
+            start = check_state(state, groups, optims, self.total_steps, pointer_step, where)  # before any use
+            try:
+                for k, g in groups.items():
+                    g.load_state_dict(state["groups"][k])
+                    optims[k].load_state_dict(state["optims"][k])
+                torch.set_rng_state(state["torch_rng"])
+            except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+                raise RunError(f"{where}: cannot be loaded ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "
+                               f"delete {ckpt.dir} to restart") from None
             if d.main:
                 self.echo(f"resuming {self.run_dir} at step {start} of {self.total_steps}")
         if d.main:

@@ -132,7 +132,7 @@ def _snippet(reply: str, n: int = 120) -> str:
 
 
 def _score(raw: str, lo: int, hi: int, reply: str) -> int:
-    if not re.fullmatch(r"\d+", raw):
+    if not re.fullmatch(r"[0-9]+", raw):
         raise JudgeParseError(f"verdict score {raw!r} is not an integer {lo}-{hi} (reply {_snippet(reply)})")
     score = int(raw)
     if not lo <= score <= hi:
