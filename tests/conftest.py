@@ -13,6 +13,10 @@ import pytest
 
 CACHE_LAYERS = [2, 5]
 
+# Harvests in this Python stay in this Python (transformers) unless a test asks for the project's vLLM
+# venv; the tests of the dispatch to it set FAST_SAE_VLLM_VENV themselves.
+os.environ.setdefault("FAST_SAE_VLLM_VENV", "off")
+
 
 @pytest.fixture(scope="session")
 def embedded_model():
