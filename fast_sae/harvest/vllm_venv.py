@@ -93,6 +93,13 @@ class _StderrFilter:
             self.held, self.buf = self.held + self.buf, ""
         self.out.flush()
 
+    def finish(self) -> None:
+        """The stream ended: a partial line still waiting is not an error line after all."""
+        if self.buf and not self.held:
+            self.out.write(self.buf)
+            self.buf = ""
+            self.out.flush()
+
     def error_line(self) -> str | None:
         lines = [line.strip() for line in (self.held + self.buf).splitlines() if line.strip()]
         return lines[-1].removeprefix("Error: ") if lines else None
@@ -122,6 +129,8 @@ def run_in_venv(venv: VllmVenv, cfg: Any, why: str, log: Callable[[str], Any] = 
         try:
             while piece := os.read(proc.stderr.fileno(), 65536):
                 errors.feed(decode.decode(piece))
+            errors.feed(decode.decode(b"", final=True))
+            errors.finish()
             code = proc.wait()
         finally:
             if proc.poll() is None:  # interrupted here (Ctrl-C): stop the child too
