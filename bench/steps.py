@@ -36,7 +36,7 @@ def ours(arch: str, x: torch.Tensor, d_sae: int, sparsity: float, path: str = "a
     g = GROUP_CLASSES[arch]([SAESpec(0, arch, d_sae // d_in, sparsity)], d_in, cfg, torch.zeros(d_in)).to(device)
     if dead_frac > 0:
         g.steps_since_fired[:, : int(dead_frac * d_sae)] = 10 ** 9  # a fixed set: never fires -> stays dead
-    opt = torch.optim.Adam(g.parameters(), lr=LR, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = g.make_optimizer()  # the trainer's Adam (fused where available)
 
     def step() -> None:
         if dead_frac > 0:

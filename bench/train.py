@@ -96,7 +96,7 @@ def bench_loader(cache_path: Path, batch: int) -> dict[str, float]:
 def bench_step(d: int, ef: int, batch: int, device: str) -> dict[str, float]:
     cfg = TrainConfig(device=device)
     g = GROUP_CLASSES["standard"]([SAESpec(0, "standard", ef, 5.0)], d, cfg, torch.zeros(d)).to(device)
-    opt = torch.optim.Adam(g.parameters(), lr=1e-4)
+    opt = g.make_optimizer()  # the trainer's Adam
     x = torch.randn(batch, d, device=device)
     w_enc, w_dec = torch.randn(d, d * ef, device=device), torch.randn(d * ef, d, device=device)
     f = torch.relu(torch.randn(batch, d * ef, device=device))

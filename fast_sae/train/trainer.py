@@ -159,7 +159,7 @@ class Trainer:
         return out
 
     def _optimizers(self, groups: dict[str, SAEGroup]) -> dict[str, torch.optim.Optimizer]:
-        return {k: torch.optim.Adam(g.optim_groups(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
+        return {k: g.make_optimizer()
                 for k, g in groups.items()}
 
     # ------------------------------------------------------------------ run

@@ -56,8 +56,9 @@ class DeadEntries:
 
 
 def plan(acts_i: torch.Tensor, dead_i: torch.Tensor, k_aux: int) -> DeadColumns | DeadEntries | None:
-    """AuxK's entries for one SAE from its ReLU(pre-activations) ``acts_i`` [b, d_sae] (overwritten
-    when many latents are dead). Non-positive entries contribute ReLU = 0 and no gradient whether
+    """AuxK's entries for one SAE from its ReLU(pre-activations) ``acts_i`` [b, d_sae], or the
+    pre-activations themselves (TopK: ReLU is applied after the choice), overwritten when many
+    latents are dead. Non-positive entries contribute ReLU = 0 and no gradient whether
     chosen or not, so choosing among ReLU'd values gives the dense path's loss and gradients."""
     cols = dead_i.nonzero().squeeze(1)
     n_dead = int(cols.numel())
