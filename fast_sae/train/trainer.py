@@ -231,6 +231,10 @@ class Trainer:
             for k, g in groups.items():
                 g.load_state_dict(state["groups"][k])
                 optims[k].load_state_dict(state["optims"][k])
+                for st in optims[k].state.values():  # the fused Adam needs contiguous moments
+                    for name, value in st.items():
+                        if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                            st[name] = value.contiguous()
             torch.set_rng_state(state["torch_rng"])
             if d.main:
                 self.echo(f"resuming {self.run_dir} at step {start} of {self.total_steps}")

@@ -66,7 +66,9 @@ class SAEGroup(nn.Module):
         else:
             w_enc = torch.empty(d_in, d_sae)
             nn.init.kaiming_uniform_(w_enc, generator=gen)
-        self.W_enc = nn.Parameter(w_enc.expand(n, d_in, d_sae).clone())
+        # contiguous [n, d_in, d_sae] (a clone would keep the transposed strides of w_dec.t()): the fused
+        # Adam kernel and the gradient sums assume every parameter, gradient and moment is contiguous
+        self.W_enc = nn.Parameter(w_enc.expand(n, d_in, d_sae).contiguous())
         self.W_dec = nn.Parameter(w_dec.expand(n, d_sae, d_in).clone())
         self.b_enc = nn.Parameter(torch.zeros(n, d_sae))
         self.b_dec = nn.Parameter(b_dec_init.to(torch.float32).expand(n, d_in).clone())
@@ -143,8 +145,9 @@ class SAEGroup(nn.Module):
         """The stack's Adam: the fused kernel (one pass over parameter, gradient and both moments per
         tensor, instead of about eight passes of separate operators: on the CPU ~10x faster, a third
         of a TopK step at d_sae 18,432 before), where this torch has it for these tensors."""
-        fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-                    and p.device.type in ("cpu", "cuda") for p in self.parameters())
+        fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and p.is_contiguous()
+                    and p.device.type in ("cpu", "cuda") for p in self.parameters())  # (torch 2.13's fused
+        # CPU kernel mis-updates a non-contiguous parameter: found here, so it is never given one)
         return torch.optim.Adam(self.optim_groups(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
                                 fused=fused or None)
 

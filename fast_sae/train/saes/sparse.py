@@ -186,7 +186,13 @@ class EncoderAtPattern(torch.autograd.Function):
         g = g.contiguous()
         grad_w = None
         if ctx.needs_input_grad[2]:
-            grad_w = bag_sum_t(p, g, x_in).view(n, d_sae, d_in).transpose(1, 2)
+            # The sums come out as [d_sae, d_in] rows; the parameter is a contiguous [d_in, d_sae]. One
+            # transposing copy into a fresh tensor, which autograd then takes as the gradient as it is
+            # (a strided gradient would be copied by AccumulateGrad and by the optimiser instead).
+            rows = bag_sum_t(p, g, x_in).view(n, d_sae, d_in)
+            grad_w = torch.empty(n, d_in, d_sae, dtype=rows.dtype, device=rows.device)
+            grad_w.copy_(rows.transpose(1, 2))
+            del rows
         grad_b_enc = torch.zeros(p.n_cols, dtype=g.dtype, device=g.device).index_add_(0, p.col, g).view(n, d_sae)
         grad_b_dec = None
         if ctx.has_b_dec and ctx.needs_input_grad[4]:
