@@ -300,3 +300,40 @@ def test_auxk_is_normalised_by_the_batch_variance_of_the_residual():
     e_hat = torch.zeros_like(e)
     expected = 0.5 * e[0].pow(2).mean() / (e[0] - e[0].mean(0)).pow(2).mean() * x_var
     assert float(auxk_term(group, e_hat, x, recon, has_dead)[0]) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape, k", [((2, 64, 4608), 32), ((1, 37, 18432), 64), ((3, 5, 1152), 16),
+                                      ((1, 8, 1000), 8), ((1, 8, 256), 32)])
+def test_grouped_top_k_is_torchs_top_k(shape, k):
+    """top_k_last gives torch.topk's values in the same (descending) order and the positions holding
+    them, on random rows, on rows of ties and negatives, and where it falls back (small or odd widths)."""
+    from fast_sae.train.saes.sparse import top_k_last
+
+    gen = torch.Generator().manual_seed(k)
+    for values in (torch.randn(shape, generator=gen),
+                   torch.randint(-3, 3, shape, generator=gen).to(torch.float32),  # many ties, few positive
+                   -torch.rand(shape, generator=gen)):  # no positive entry at all
+        top, idx = top_k_last(values, k)
+        ref, ref_idx = values.topk(k, dim=-1)
+        assert torch.equal(top, ref)
+        assert torch.equal(values.gather(-1, idx), top)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions per row
+        if values.unique().numel() == values.numel():
+            assert torch.equal(idx, ref_idx)  # no ties: the very same positions
+
+
+def test_the_stacks_adam_is_fused_and_equals_the_reference_adam():
+    """make_optimizer's fused Adam takes the same steps as torch's loop Adam (all parameters contiguous:
+    torch 2.13's fused CPU kernel mis-updates non-contiguous ones)."""
+    cfg = TrainConfig()
+    gs = [GROUP_CLASSES["topk"]([SAESpec(0, "topk", 4, 8)], 16, cfg, torch.zeros(16)) for _ in range(2)]
+    assert all(p.is_contiguous() for p in gs[0].parameters())
+    fused = gs[0].make_optimizer()
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.Adam(gs[1].optim_groups(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for g, opt in zip(gs, (fused, loop)):
+            Trainer._step(g, opt, x, 1e-3, 1.0)
+    for a, b in zip(gs[0].parameters(), gs[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
