@@ -337,3 +337,19 @@ def test_the_stacks_adam_is_fused_and_equals_the_reference_adam():
             Trainer._step(g, opt, x, 1e-3, 1.0)
     for a, b in zip(gs[0].parameters(), gs[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, kb", [((2, 64, 1024), 256), ((1, 128, 4608), 4096), ((1, 16, 64), 32)])
+def test_batch_top_is_the_top_k_of_the_whole_batch(shape, kb):
+    """BatchTopK's selection (the grouped CPU path, and the per-token path where groups do not pay)
+    gives the values of a top-k over the whole batch, at positions holding them."""
+    from fast_sae.train.saes.batchtopk import batch_top
+
+    gen = torch.Generator().manual_seed(kb)
+    for acts in (torch.relu(torch.randn(shape, generator=gen)),
+                 torch.relu(torch.randint(-4, 3, shape, generator=gen).to(torch.float32))):  # ties, many zeros
+        top, idx = batch_top(acts, kb)
+        ref = acts.reshape(shape[0], -1).topk(kb, dim=-1)
+        assert torch.equal(top, ref.values)
+        assert torch.equal(acts.reshape(shape[0], -1).gather(-1, idx), top)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
