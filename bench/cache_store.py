@@ -163,6 +163,21 @@ def bench_remote(url: str, options: dict[str, str], n: int, block: int, label: s
           f"(goal >= 0.9)")
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` and of its child processes onto ``cpus`` (the server's own threads too)."""
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except OSError:
+                pass
+            children = task / "children"
+            if children.exists():
+                todo += [int(c) for c in children.read_text().split()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=131072)
@@ -170,7 +185,15 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--block", type=int, default=8192, help="tokens per loader read (the trainer's block)")
     ap.add_argument("--only", choices=("checksums", "local", "s3"), help="run one part only")
+    ap.add_argument("--pin", action="store_true",
+                    help="S3: keep the server off the reader's cores (server on the first CPU, this process on "
+                         "the others, set before any thread starts), so loader/raw measures the loader")
     args = ap.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin:
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, set(cpus[1:]))  # threads started from here on inherit it
     from tests.s3server import start_s3
 
     if args.only in (None, "checksums"):
@@ -186,6 +209,10 @@ def main() -> None:
         if args.only not in (None, "s3"):
             return
         server = start_s3(Path(tmp) / "weed")
+        if args.pin:
+            pin_tree(server.proc.pid, {cpus[0]})
+            print(f"pinned: S3 server (pid {server.proc.pid} and children) on CPU {cpus[0]}, this reader on CPUs "
+                  f"{cpus[1:]}")
         os.environ.update(server.env)
         try:
             options = {"endpoint": server.endpoint}
