@@ -148,7 +148,7 @@ def interleaved_medians(fns: dict[str, object], reps: int) -> dict[str, float]:
 
 
 def bench_topk(d: int, widths: list[int], ks: list[int], batch: int, reps: int, device: str, dead_frac: float,
-               saelens: bool, archs: tuple[str, ...] = ("topk",)) -> None:
+               saelens: bool, archs: tuple[str, ...] = ("topk",), dense: bool = True) -> None:
     """Each step against its floor (the encoder's dense forward product alone, timed in the same
     interleaved run) and beside the peers: SAELens (TopK, BatchTopK) and sparsify (TopK) where installed."""
     x = torch.randn(batch, d, device=device)
@@ -162,8 +162,9 @@ def bench_topk(d: int, widths: list[int], ks: list[int], batch: int, reps: int, 
         for dead in deads:
             for m in widths:
                 for k in ks:
-                    fns = {"floor": steps.floor(x, m), "sparse": steps.ours(arch, x, m, k, "sparse", dead)[0],
-                           "dense": steps.ours(arch, x, m, k, "dense", dead)[0]}
+                    fns = {"floor": steps.floor(x, m), "sparse": steps.ours(arch, x, m, k, "sparse", dead)[0]}
+                    if dense:
+                        fns["dense"] = steps.ours(arch, x, m, k, "dense", dead)[0]
                     if saelens:
                         fns["SAELens"] = steps.saelens(arch, x, m, k, dead)
                     if has_sparsify and arch == "topk":
@@ -233,6 +234,7 @@ def main() -> None:
     ap.add_argument("--dead-frac", type=float, default=0.3,
                     help="topk rows with this fraction of latents dead (AuxK on); 0 = none; memory uses it too")
     ap.add_argument("--no-saelens", action="store_true", help="topk: skip SAELens")
+    ap.add_argument("--no-dense", action="store_true", help="topk: skip the dense path")
     ap.add_argument("--archs", default="topk,batchtopk", help="topk section: architectures (topk, batchtopk)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -252,7 +254,7 @@ def main() -> None:
         bench_stage(args, sections)
     if "topk" in sections:
         bench_topk(args.d, args.widths, args.ks, args.batch, args.reps, args.device, args.dead_frac,
-                   not args.no_saelens, tuple(a.strip() for a in args.archs.split(",")))
+                   not args.no_saelens, tuple(a.strip() for a in args.archs.split(",")), not args.no_dense)
     if "standard" in sections:
         bench_standard(args.d, args.widths, args.batch, args.reps, args.device)
     if "memory" in sections:
