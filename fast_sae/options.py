@@ -287,9 +287,15 @@ def to_args(cfg: Any, *, exclude: Sequence[str] = ()) -> list[str]:
     out: list[str] = []
     for opt in _options(type(cfg), True, set(exclude)):
         value: Any = cfg
+        node: Any = type(cfg)
         for key in opt.path:
+            field = {f.name: f for f in dataclasses.fields(node)}[key]
+            node = _unwrap_optional(typing.get_type_hints(node)[key])[0]
             value = getattr(value, key)
         if value is None:
+            if _field_default(field) is not None:  # the command line cannot say None for this field
+                raise ValueError(f"--{opt.flag}: None (the default is {_field_default(field)!r}) cannot be given "
+                                 f"on the command line")
             continue
         if isinstance(value, bool):
             out.append(f"--{opt.flag}" if value else f"--no-{opt.flag}")

@@ -114,3 +114,7 @@ def test_to_args_rebuilds_the_same_config() -> None:
     assert r.output.strip() == repr(cfg)
     assert "--limit" not in to_args(Outer(out=Path("x")))  # None stays unset
     assert CliRunner().invoke(_command(), to_args(Outer(out=Path("x")))).output.strip() == repr(Outer(out=Path("x")))
+
+    # a None the command line cannot express (the field's default is not None) is refused, not dropped
+    with pytest.raises(ValueError, match="--layers: None"):
+        to_args(Outer(out=Path("x"), layers=None))  # type: ignore[arg-type]
