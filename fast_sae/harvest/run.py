@@ -134,12 +134,15 @@ def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, 
     return stream, fp.hexdigest(), info
 
 
-def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = None) -> dict[str, Any]:
+def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = None,
+                tokenizer: Any | None = None) -> dict[str, Any]:
     """Harvest ``cfg`` into its cache; ``engine``: an already built engine for ``cfg`` (kept open), e.g. a
-    benchmark's, else the one ``cfg.backend`` selects is built (after the cache exists) and closed."""
+    benchmark's, else the one ``cfg.backend`` selects is built (after the cache exists) and closed;
+    ``tokenizer``: ``cfg.model``'s tokenizer already loaded (a benchmark's: loading it takes 1-3 s here,
+    a fixed cost per run like the engine's start-up), else it is loaded."""
     cfg = cfg.resolved()
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision) if tokenizer is None else tokenizer
     hf_config = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision)
     d_model, n_layers = model_info(hf_config)
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
