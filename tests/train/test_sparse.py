@@ -353,3 +353,28 @@ def test_batch_top_is_the_top_k_of_the_whole_batch(shape, kb):
         assert torch.equal(top, ref.values)
         assert torch.equal(acts.reshape(shape[0], -1).gather(-1, idx), top)
         assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_auxk_takes_the_sparse_pattern_when_k_aux_is_a_small_share_of_the_dead_columns():
+    """k_aux 2 of 24 dead columns (of 64): the sparse pattern, not the dense column block; the same
+    loss and gradients as the dense step all the same."""
+    from fast_sae.train.saes import auxk
+
+    pair = []
+    for path in ("sparse", "dense"):
+        g = GROUP_CLASSES["topk"]([SAESpec(0, "topk", EF, 4)], D_IN, TrainConfig(decoder_path=path, aux_k=2),
+                                  torch.zeros(D_IN) + 0.1)
+        g.steps_since_fired[0, :24] = 1000
+        pair.append(g)
+    x = _batches(1)[0]
+    acts = pair[0].pre_activations(x)[0].detach()
+    assert isinstance(auxk.plan(acts.clone(), pair[0].dead_mask()[0], 2), auxk.DeadEntries)
+    assert isinstance(auxk.plan(acts.clone(), pair[0].dead_mask()[0], 8), auxk.DeadColumns)  # 8 of 24: dense
+    outs = []
+    for g in pair:
+        out = g.forward_loss(x, 1.0)
+        out.loss.backward()
+        outs.append(out)
+    assert _close(outs[0].loss.detach(), outs[1].loss.detach())
+    for name, p in pair[1].named_parameters():
+        assert _close(dict(pair[0].named_parameters())[name].grad, p.grad), name
