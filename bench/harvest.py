@@ -10,7 +10,8 @@ With --backend vllm (in the vLLM venv) it prints instead, on the same FAST token
   hf harvest    the transformers harvest of the same layers (forward stopped after the deepest),
 and the ratios vllm harvest / vllm bare (goal >= 0.9) and vllm harvest / hf harvest, each the best of
 --repeat interleaved runs (a shared machine's load changes hit all three alike). The engine's
-start-up (imports, model load) is timed separately and left out of the rates.
+start-up (imports, model load) and the tokenizer's load (1-3 s, a fixed cost per run that the bare
+prefill does not pay; it was most of the gap at 8,000 tokens) are left out of the rates.
 
 Prints tokens/s of
   bare     the model's forward (all blocks, no hooks, nothing kept) over the harvest's packed batches,
@@ -147,7 +148,7 @@ def bench_vllm(args: argparse.Namespace) -> None:
     def harvest(backend: str) -> None:
         out = Path(tempfile.mkdtemp()) / "c"
         run_harvest(HarvestConfig(out=out, backend=backend, **base), log=lambda *_: None,
-                    engine=engine if backend == "vllm" else None)
+                    engine=engine if backend == "vllm" else None, tokenizer=tok)
         shutil.rmtree(out.parent)
 
     engine.prefill(segments[0], stream.ids, capture=False)  # warm-up

@@ -36,7 +36,7 @@ def ours(arch: str, x: torch.Tensor, d_sae: int, sparsity: float, path: str = "a
     g = GROUP_CLASSES[arch]([SAESpec(0, arch, d_sae // d_in, sparsity)], d_in, cfg, torch.zeros(d_in)).to(device)
     if dead_frac > 0:
         g.steps_since_fired[:, : int(dead_frac * d_sae)] = 10 ** 9  # a fixed set: never fires -> stays dead
-    opt = torch.optim.Adam(g.parameters(), lr=LR, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = g.make_optimizer()  # the trainer's Adam (fused where available)
 
     def step() -> None:
         if dead_frac > 0:
@@ -76,6 +76,69 @@ def saelens(arch: str, x: torch.Tensor, d_sae: int, sparsity: float, dead_frac: 
         _sync(device)
 
     return step
+
+
+def floor(x: torch.Tensor, d_sae: int) -> Callable[[], None]:
+    """The step's floor: the encoder's dense forward product alone, x @ W_enc + b_enc into a reused
+    [batch, d_sae] buffer (TopK needs this one dense product to choose its entries; the rest of a
+    step is sparse)."""
+    d_in, device = x.shape[1], str(x.device)
+    w = torch.randn(1, d_in, d_sae, device=device) / d_in ** 0.5
+    b = torch.zeros(1, 1, d_sae, device=device)
+    out = torch.empty(1, x.shape[0], d_sae, device=device)
+    xb = x.unsqueeze(0).contiguous()
+
+    def step() -> None:
+        torch.baddbmm(b, xb, w, out=out)
+        _sync(device)
+
+    return step
+
+
+def sparsify(x: torch.Tensor, d_sae: int, k: int, dead_frac: float = 0.0) -> Callable[[], None]:
+    """EleutherAI sparsify's TopK step (eai-sparsify 1.3.3, bench/setup_sparsify.sh), as its Trainer
+    runs it for one SAE with loss_fn fvu: decoder renormalised to unit rows, encoder forward with its
+    fused top-k, sparse decode (embedding_bag on CPU), FVU + AuxK (alpha 1/32, its dead mask),
+    backward through its fused encoder, the gradient parallel to the decoder rows removed, Adam
+    (torch.optim.Adam: bitsandbytes is not installed), zero_grad, and the dead-latent counters."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    d_in, device = x.shape[1], str(x.device)
+    sae = SparseCoder(d_in, SparseCoderConfig(num_latents=d_sae, k=k), device=device)
+    opt = torch.optim.Adam(sae.parameters(), lr=LR)
+    since = torch.zeros(d_sae, dtype=torch.long, device=device)
+    n_dead = int(dead_frac * d_sae)
+    threshold = 10_000_000  # sparsify's default dead_feature_threshold (tokens)
+    auxk_alpha = 1 / 32
+
+    def step() -> None:
+        if n_dead:
+            since[:n_dead] = 10 ** 12
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = since > threshold
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        did_fire = torch.zeros(d_sae, dtype=torch.bool, device=device)
+        did_fire[out.latent_indices.flatten()] = True
+        loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        since.add_(x.shape[0])
+        since[did_fire] = 0
+        _sync(device)
+
+    return step
+
+
+def sparsify_version() -> str | None:
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("eai-sparsify")
+    except Exception:
+        return None
 
 
 def saelens_version() -> str:

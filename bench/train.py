@@ -7,9 +7,12 @@
    3x the time of the same-shape forward matmuls (x @ W_enc and f @ W_dec). Goal <= 1.4.
 3. grid: K SAEs on one layer trained in one pass over the sum of K separate runs of the same
    tokens (whole runs: cache open, b_dec init, training, evaluation, saving). Goal <= 0.7.
-4. topk: one TopK training step on the sparse decoder path, on the dense path, and in SAELens
-   (its TopK training SAE and trainer step), at each d_sae x k; tokens/s and ours / SAELens.
-   Goal: sparse >= 2x SAELens. Rows with ``--dead-frac`` of the latents dead run AuxK in both.
+4. topk: one TopK / BatchTopK training step on the sparse decoder path, on the dense path, in
+   SAELens (its training SAE and trainer step) and, for TopK, in EleutherAI sparsify (its Trainer's
+   step; run with .venv-sparsify/bin/python after bench/setup_sparsify.sh), at each d_sae x k,
+   against the floor: the encoder's dense forward product alone, timed in the same run. Goals:
+   sparse <= 1.5x the floor (d_sae 18,432, k 32), >= 2x SAELens, >= 1.5x sparsify. Rows with
+   ``--dead-frac`` of the latents dead run AuxK in all.
 5. standard: one Standard SAE step here and in SAELens, the same loss (L1 weighted by decoder
    norms, no b_dec subtracted from the input). Goal >= 1.2x SAELens.
 6. memory: peak resident memory of a TopK step per decoder path (a fresh process each) against
@@ -93,7 +96,7 @@ def bench_loader(cache_path: Path, batch: int) -> dict[str, float]:
 def bench_step(d: int, ef: int, batch: int, device: str) -> dict[str, float]:
     cfg = TrainConfig(device=device)
     g = GROUP_CLASSES["standard"]([SAESpec(0, "standard", ef, 5.0)], d, cfg, torch.zeros(d)).to(device)
-    opt = torch.optim.Adam(g.parameters(), lr=1e-4)
+    opt = g.make_optimizer()  # the trainer's Adam
     x = torch.randn(batch, d, device=device)
     w_enc, w_dec = torch.randn(d, d * ef, device=device), torch.randn(d * ef, d, device=device)
     f = torch.relu(torch.randn(batch, d * ef, device=device))
@@ -145,30 +148,35 @@ def interleaved_medians(fns: dict[str, object], reps: int) -> dict[str, float]:
 
 
 def bench_topk(d: int, widths: list[int], ks: list[int], batch: int, reps: int, device: str, dead_frac: float,
-               saelens: bool) -> None:
+               saelens: bool, archs: tuple[str, ...] = ("topk",), dense: bool = True) -> None:
+    """Each step against its floor (the encoder's dense forward product alone, timed in the same
+    interleaved run) and beside the peers: SAELens (TopK, BatchTopK) and sparsify (TopK) where installed."""
     x = torch.randn(batch, d, device=device)
-    cols = "sparse", "dense", "SAELens"
-    print(f"topk: one training step, batch {batch}, d_model {d} (median of {reps}; tok/s = batch / step time)")
-    print(f"{'d_sae':>6} {'k':>4} {'dead':>5} | {'sparse ms':>9} {'dense ms':>9} {'SAELens ms':>10} | "
-          f"{'sparse tok/s':>12} {'dense tok/s':>11} {'SAELens tok/s':>13} | {'sparse/SL':>9} {'dense/SL':>8} "
-          f"{'sparse/dense':>12}")
+    has_sparsify = steps.sparsify_version() is not None
+    print(f"topk: one training step, batch {batch}, d_model {d} (median of {reps}, interleaved; floor = the encoder's "
+          f"forward product alone, x @ W_enc + b_enc)")
+    print(f"{'arch':>9} {'d_sae':>6} {'k':>4} {'dead':>5} | {'floor ms':>8} {'sparse ms':>9} {'dense ms':>9} "
+          f"{'SAELens ms':>10} {'sparsify ms':>11} | {'sparse/floor':>12} {'SL/sparse':>9} {'spfy/sparse':>11}")
     deads = [0.0] + ([dead_frac] if dead_frac > 0 else [])
-    for dead in deads:
-        for m in widths:
-            for k in ks:
-                fns = {"sparse": steps.ours("topk", x, m, k, "sparse", dead)[0],
-                       "dense": steps.ours("topk", x, m, k, "dense", dead)[0]}
-                if saelens:
-                    fns["SAELens"] = steps.saelens("topk", x, m, k, dead)
-                t = interleaved_medians(fns, reps)
-                del fns
-                ms = " ".join(f"{t[c] * 1e3:{w}.0f}" if c in t else f"{'-':>{w}}" for c, w in zip(cols, (9, 9, 10)))
-                tps = " ".join(f"{batch / t[c]:{w}.0f}" if c in t else f"{'-':>{w}}"
-                               for c, w in zip(cols, (12, 11, 13)))
-                sl = t.get("SAELens")
-                ratios = (f"{sl / t['sparse']:9.2f} {sl / t['dense']:8.2f}" if sl else f"{'-':>9} {'-':>8}")
-                print(f"{m:>6} {k:>4} {dead:>5.2f} | {ms} | {tps} | {ratios} {t['dense'] / t['sparse']:12.2f}",
-                      flush=True)
+    for arch in archs:
+        for dead in deads:
+            for m in widths:
+                for k in ks:
+                    fns = {"floor": steps.floor(x, m), "sparse": steps.ours(arch, x, m, k, "sparse", dead)[0]}
+                    if dense:
+                        fns["dense"] = steps.ours(arch, x, m, k, "dense", dead)[0]
+                    if saelens:
+                        fns["SAELens"] = steps.saelens(arch, x, m, k, dead)
+                    if has_sparsify and arch == "topk":
+                        fns["sparsify"] = steps.sparsify(x, m, k, dead)
+                    t = interleaved_medians(fns, reps)
+                    del fns
+                    cols = zip(("floor", "sparse", "dense", "SAELens", "sparsify"), (8, 9, 9, 10, 11))
+                    ms = " ".join(f"{t[c] * 1e3:{w}.0f}" if c in t else f"{'-':>{w}}" for c, w in cols)
+                    sl, sp = t.get("SAELens"), t.get("sparsify")
+                    print(f"{arch:>9} {m:>6} {k:>4} {dead:>5.2f} | {ms} | {t['sparse'] / t['floor']:12.2f} "
+                          f"{(sl / t['sparse']) if sl else float('nan'):9.2f} "
+                          f"{(sp / t['sparse']) if sp else float('nan'):11.2f}", flush=True)
 
 
 def bench_standard(d: int, widths: list[int], batch: int, reps: int, device: str) -> None:
@@ -226,6 +234,8 @@ def main() -> None:
     ap.add_argument("--dead-frac", type=float, default=0.3,
                     help="topk rows with this fraction of latents dead (AuxK on); 0 = none; memory uses it too")
     ap.add_argument("--no-saelens", action="store_true", help="topk: skip SAELens")
+    ap.add_argument("--no-dense", action="store_true", help="topk: skip the dense path")
+    ap.add_argument("--archs", default="topk,batchtopk", help="topk section: architectures (topk, batchtopk)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
@@ -238,12 +248,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"load average {os.getloadavg()[0]:.1f}")
     if {"topk", "standard"} & set(sections) and not args.no_saelens:
-        print(f"sae_lens {steps.saelens_version()}")
+        spfy = steps.sparsify_version() or "not installed (bench/setup_sparsify.sh, then .venv-sparsify/bin/python)"
+        print(f"sae_lens {steps.saelens_version()}, eai-sparsify {spfy}")
     if {"loader", "step", "grid"} & set(sections):
         bench_stage(args, sections)
     if "topk" in sections:
         bench_topk(args.d, args.widths, args.ks, args.batch, args.reps, args.device, args.dead_frac,
-                   not args.no_saelens)
+                   not args.no_saelens, tuple(a.strip() for a in args.archs.split(",")), not args.no_dense)
     if "standard" in sections:
         bench_standard(args.d, args.widths, args.batch, args.reps, args.device)
     if "memory" in sections:

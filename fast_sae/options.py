@@ -122,6 +122,7 @@ class _Opt:
     path: tuple[str, ...]  # field names from the top config down
     convert: Callable[[Any], Any] | None
     decorator: Callable[[F], F]
+    flag: str = ""  # the option's name without "--"
 
 
 def _options(cls: type, overrides: bool, exclude: set[str], prefix: str = "",
@@ -170,7 +171,7 @@ def _options(cls: type, overrides: bool, exclude: set[str], prefix: str = "",
         elif shown:
             kwargs["show_default"] = True
         kwargs["help"] = help_text
-        out.append(_Opt(param, (*path, f.name), convert, click.option(*decls, **kwargs)))
+        out.append(_Opt(param, (*path, f.name), convert, click.option(*decls, **kwargs), name))
     return out
 
 
@@ -274,3 +275,34 @@ def from_options(cls: type[T], params: dict[str, Any], *, exclude: Sequence[str]
     values = option_values(cls, params, exclude=exclude)
     values.update(fixed)
     return build(cls, values)
+
+
+def to_args(cfg: Any, *, exclude: Sequence[str] = ()) -> list[str]:
+    """The command-line arguments that rebuild ``cfg`` through ``click_options(type(cfg))``: the inverse
+    of ``from_options``, for handing a config to the same command in another process (e.g. the harvest
+    run inside the vLLM venv). Fields at None are left out (their options then default to None)."""
+    def text(v: Any) -> str:
+        return repr(v) if isinstance(v, float) else str(v)
+
+    out: list[str] = []
+    for opt in _options(type(cfg), True, set(exclude)):
+        value: Any = cfg
+        node: Any = type(cfg)
+        for key in opt.path:
+            field = {f.name: f for f in dataclasses.fields(node)}[key]
+            node = _unwrap_optional(typing.get_type_hints(node)[key])[0]
+            value = getattr(value, key)
+        if value is None:
+            if _field_default(field) is not None:  # the command line cannot say None for this field
+                raise ValueError(f"--{opt.flag}: None (the default is {_field_default(field)!r}) cannot be given "
+                                 f"on the command line")
+            continue
+        if isinstance(value, bool):
+            out.append(f"--{opt.flag}" if value else f"--no-{opt.flag}")
+        elif isinstance(value, (list, tuple)):
+            if any("," in text(v) for v in value):
+                raise ValueError(f"--{opt.flag}: {value!r} cannot be written as a comma-separated list")
+            out += [f"--{opt.flag}", ",".join(text(v) for v in value)]
+        else:
+            out += [f"--{opt.flag}", text(value)]
+    return out

@@ -7,11 +7,19 @@ several chunk files exist.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 CACHE_LAYERS = [2, 5]
+
+# Harvests in this Python stay in this Python (transformers) unless a test asks for the project's vLLM
+# venv; the tests of the dispatch to it set FAST_SAE_VLLM_VENV themselves.
+os.environ.setdefault("FAST_SAE_VLLM_VENV", "off")
+# Records of verified chunk files (fast_sae/actcache/trusted.py) of the tests' temporary caches go to a
+# folder of this session, not to the user's $FAST_SAE_HOME.
+os.environ.setdefault("FAST_SAE_VERIFIED_RECORD", tempfile.mkdtemp(prefix="fast-sae-verified-"))
 
 
 @pytest.fixture(scope="session")

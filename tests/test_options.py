@@ -99,3 +99,22 @@ def test_a_field_without_help_is_refused() -> None:
 
     with pytest.raises(TypeError, match="Bad.x"):
         click_options(Bad)
+
+
+def test_to_args_rebuilds_the_same_config() -> None:
+    """to_args is from_options' inverse: what the harvest hands to its run in the vLLM venv."""
+    from fast_sae.options import to_args
+
+    cfg = Outer(out=Path("x y"), layers=[1, 2], rates=(0.1, 1e-7), mode="b", limit=5, progress=False,
+                inner=Inner(enabled=True, size=7))
+    args = to_args(cfg)
+    assert "--no-progress" in args and "--limit" in args
+    r = CliRunner().invoke(_command(), args)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == repr(cfg)
+    assert "--limit" not in to_args(Outer(out=Path("x")))  # None stays unset
+    assert CliRunner().invoke(_command(), to_args(Outer(out=Path("x")))).output.strip() == repr(Outer(out=Path("x")))
+
+    # a None the command line cannot express (the field's default is not None) is refused, not dropped
+    with pytest.raises(ValueError, match="--layers: None"):
+        to_args(Outer(out=Path("x"), layers=None))  # type: ignore[arg-type]

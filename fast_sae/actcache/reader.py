@@ -8,6 +8,7 @@ recorded at commit, and decoded. Every activation that leaves this module has be
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from .layout import CacheError, CacheMeta
 from .mapping import map_chunk_file
 from .prefetch import ReadAhead
 from .store import LocalStore, RemotePath, Store, open_store
+from .trusted import VerifiedRecord
 from .validate import validate_arrays, validate_seq_starts
 from .writer import read_root
 
@@ -237,13 +239,38 @@ class ActivationCache:
         return decode_chunk(data, self.chunk_rows(index), self.meta.d_model, self.meta.dtype,
                             self.meta.compression, str(self.chunk_file(layer, index)), self.meta.chunk_tokens)
 
+    @cached_property
+    def verified_record(self) -> VerifiedRecord | None:
+        """Chunk files verified by an earlier process and unchanged since (local caches; trusted.py)."""
+        return VerifiedRecord(self.store.root) if isinstance(self.store, LocalStore) else None
+
+    def record_verified(self, layer: int, index: int, before: os.stat_result) -> None:
+        """Remember that a local chunk file, stat-ed as ``before`` before it was read, passed its checksum."""
+        record, (_, digest) = self.verified_record, self.expected(layer, index)
+        if record is not None and digest is not None:
+            record.add(self.chunk_key(layer, index), before, Path(str(self.chunk_file(layer, index))), digest)
+
     def _verify_file(self, layer: int, index: int) -> None:
         """Checksum of one local chunk file, hashed straight from its memory map (on a read-ahead
         thread: xxhash releases the GIL). Hashing the map the loader will read, rather than a copy,
-        costs no extra pass over the bytes and leaves the pages mapped for the loader."""
+        costs no extra pass over the bytes and leaves the pages mapped for the loader. A file an
+        earlier process verified, unchanged since (its identity as recorded), is not hashed again."""
         if (layer, index) in self._verified:
             return
+        try:
+            before: os.stat_result | None = os.stat(str(self.chunk_file(layer, index)))
+        except OSError:
+            before = None  # the map below reports the missing file
+        nbytes, digest = self.expected(layer, index)
+        record = self.verified_record
+        if before is not None and record is not None and before.st_size == nbytes and \
+                record.trusted(self.chunk_key(layer, index), before, digest):
+            with self._verify_lock:
+                self._verified.add((layer, index))
+            return
         self._verify_bytes(layer, index, self._map_file(layer, index))
+        if before is not None:
+            self.record_verified(layer, index, before)
         with self._verify_lock:
             self._verified.add((layer, index))
 

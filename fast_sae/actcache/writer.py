@@ -15,6 +15,7 @@ one uninterrupted harvest writes. So
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,7 @@ from .layout import CacheError, CacheMeta
 from .locking import ChunkLock
 from .stats import aggregate, chunk_partials
 from .store import LocalStore, RemotePath, Store, open_store
+from .trusted import VerifiedRecord
 
 
 @dataclass
@@ -117,6 +119,7 @@ class CacheWriter:
         self._slots = threading.Semaphore(threads + 2)  # bounds the chunks held in memory while committing
         self._futures: list[Future] = []
         self.committed = 0  # chunks committed by this writer
+        self._verified_record: VerifiedRecord | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -236,9 +239,24 @@ class CacheWriter:
                               (layout.vector_chunk_key(layout.norm_path(layer), index), as_bytes(padded))):
                 self.store.put(key, data)
                 files[key] = (len(data), checksum(data))
+                if "/acts/" in f"/{key}":
+                    self._record_written(key, files[key][1])
             stats[str(layer)] = scalars
         record = ChunkRecord(index, hi - lo, files, stats)
         self.store.put(layout.commit_key(index), record.to_bytes())
+
+    def _record_written(self, key: str, digest: str) -> None:
+        """A local chunk file just written from bytes of this digest counts as verified (trusted.py)."""
+        if not isinstance(self.store, LocalStore):
+            return
+        if self._verified_record is None:
+            self._verified_record = VerifiedRecord(self.store.root)
+        path = self.store.root / key
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self._verified_record.add(key, st, path, int(digest, 16))
 
     def _raise_if_failed(self) -> None:
         for fut in [f for f in self._futures if f.done()]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .engine import EngineError
 from .render import TemplateError
 from .run import HarvestConfig
 from .streams import StreamError
+from .vllm_venv import SUMMARY_ENV
 
 _USER_ERRORS = (CacheError, DataError, EngineError, ModelLoadError, TemplateError, StreamError, ValueError)
 
@@ -35,7 +37,11 @@ def harvest_cmd(**params: Any) -> None:
         summary = run_harvest(cfg)
     except _USER_ERRORS as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(summary, indent=2))
+    summary_file = os.environ.pop(SUMMARY_ENV, None)  # set when this harvest runs for another Python
+    if summary_file:
+        Path(summary_file).write_text(json.dumps(summary))
+    else:
+        click.echo(json.dumps(summary, indent=2))
 
 
 @click.command()

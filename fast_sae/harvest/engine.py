@@ -112,11 +112,13 @@ def engine_version(backend: str) -> str:
 
 
 def choose_backend(requested: str, hf_config: Any, vllm_args: str | None = None) -> tuple[str, str]:
-    """(engine, why): ``auto`` takes vLLM where it is installed and supports the model, else transformers.
+    """(engine, why): ``auto`` takes vLLM where it is installed (in this Python, or in the project's
+    vLLM venv, where the harvest then runs: see ``vllm_venv``) and supports the model, else transformers.
 
     Everything checkable without loading the model is checked here, before the cache is created.
     """
     from .vllm_engine import SETUP_HINT, parse_vllm_args, unsupported_reason, vllm_distribution
+    from .vllm_venv import find_vllm_venv
 
     if requested not in BACKENDS:
         raise EngineError(f"--backend {requested!r}: expected one of {', '.join(BACKENDS)}")
@@ -126,18 +128,21 @@ def choose_backend(requested: str, hf_config: Any, vllm_args: str | None = None)
             raise EngineError("--vllm-args: only used by --backend vllm (or auto where vLLM is installed)")
         return "hf", "requested"
     installed = vllm_distribution()
+    venv, no_venv = find_vllm_venv() if installed is None else (None, "")
     why_not = unsupported_reason(hf_config)
     if requested == "vllm":
-        if installed is None:
-            raise EngineError(f"--backend vllm: vLLM is not installed in this Python; {SETUP_HINT}")
+        if installed is None and venv is None:
+            raise EngineError(f"--backend vllm: vLLM is not installed in this Python and {no_venv}; {SETUP_HINT}")
         if why_not is not None:
             raise EngineError(f"--backend vllm: {why_not}; use --backend hf")
-        return "vllm", "requested"
-    fallback = "not installed in this Python" if installed is None else why_not
+        return "vllm", "requested" if venv is None else f"requested; run by {venv}"
+    fallback = f"not installed in this Python and {no_venv}" if installed is None and venv is None else why_not
     if fallback is not None:
         if vllm_args:
             raise EngineError(f"--vllm-args given but --backend auto cannot use vLLM: {fallback}")
-        return "hf", f"auto: vLLM {fallback}" if installed is None else f"auto: {fallback}"
+        return "hf", f"auto: vLLM {fallback}" if installed is None and venv is None else f"auto: {fallback}"
+    if venv is not None:
+        return "vllm", f"auto: {venv} supports the model (this Python has no vLLM)"
     return "vllm", f"auto: {installed} is installed and supports the model"
 
 

@@ -22,6 +22,8 @@ from .data import EMBEDDED_CHAT, EMBEDDED_TEXT, DataSource, Fingerprint, iter_co
 from .engine import BACKENDS, Engine, choose_backend, engine_version, make_engine
 from .render import OTHER_ROLES, SPECIAL_IN_CONTENT, RenderPolicy, template_info
 from .streams import DOC_SETS, SEPARATORS, DocSelection, block_stream, chat_pieces, fast_stream, text_pieces
+from .vllm_engine import vllm_distribution
+from .vllm_venv import find_vllm_venv, run_in_venv
 
 
 @dataclass
@@ -71,9 +73,10 @@ class HarvestConfig:
                                help="Messages whose role is not system/user/assistant (tool, ...): refuse = stop "
                                     "with an error; label = store them with role code 'other'.")
     backend: str = setting("auto", choices=BACKENDS,
-                           help="Forward engine: hf (transformers), vllm (needs vLLM: ./setup_vllm.sh, then run "
-                                "with .venv-vllm/bin/python), auto (vllm where installed and the model is "
-                                "supported, else hf). Resolved to the engine used before anything is written.")
+                           help="Forward engine: hf (transformers), vllm (needs vLLM in this Python or in the venv "
+                                "./setup_vllm.sh creates, .venv-vllm/, where the harvest then runs by itself), "
+                                "auto (vllm where installed and the model is supported, else hf). Resolved to "
+                                "the engine used before anything is written.")
     vllm_args: str | None = setting(None, help="JSON object of extra vllm.LLM keyword arguments, e.g. "
                                                "'{\"gpu_memory_utilization\": 0.8}'.")
     progress: bool = setting(True, help="Show a progress bar.")
@@ -139,12 +142,15 @@ def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, 
     return stream, fp.hexdigest(), info
 
 
-def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = None) -> dict[str, Any]:
+def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = None,
+                tokenizer: Any | None = None) -> dict[str, Any]:
     """Harvest ``cfg`` into its cache; ``engine``: an already built engine for ``cfg`` (kept open), e.g. a
-    benchmark's, else the one ``cfg.backend`` selects is built (after the cache exists) and closed."""
+    benchmark's, else the one ``cfg.backend`` selects is built (after the cache exists) and closed;
+    ``tokenizer``: ``cfg.model``'s tokenizer already loaded (a benchmark's: loading it takes 1-3 s here,
+    a fixed cost per run like the engine's start-up), else it is loaded."""
     cfg = cfg.resolved()
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model, cfg.revision)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision) if tokenizer is None else tokenizer
     hf_config = AutoConfig.from_pretrained(resolve(cfg.model), revision=cfg.revision)
     d_model, n_layers = model_info(hf_config)
     bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
@@ -153,6 +159,10 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
     # the engine actually used goes into harvest_args, so a resume under another environment must match it
     cfg.backend, backend_why = (engine.name, "given") if engine else choose_backend(cfg.backend, hf_config,
                                                                                     cfg.vllm_args)
+    if engine is None and cfg.backend == "vllm" and vllm_distribution() is None:
+        venv, _ = find_vllm_venv()  # choose_backend found it: the harvest runs there, this process waits
+        assert venv is not None
+        return run_in_venv(venv, cfg, backend_why, log)
     stream, fingerprint, info = build_stream(cfg, tokenizer)
     meta = CacheMeta(
         model_id=cfg.model, model_revision=cfg.revision, d_model=d_model, n_model_layers=n_layers,

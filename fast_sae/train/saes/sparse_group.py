@@ -74,6 +74,11 @@ class SparseTopKFamily(SAEGroup):
     """Base of TopK and BatchTopK: picks the decoder path and implements the sparse step."""
 
     k: torch.Tensor  # [n] buffer: each SAE's k
+    # Whether ``select`` must see ReLU(pre-activations). TopK's does not: ReLU is monotone, so the k
+    # largest pre-activations are the k largest ReLU'd ones (entries <= 0 among them give ReLU = 0 and
+    # no gradient either way, applied after the choice), and AuxK's choice among dead latents is the
+    # same; skipping it saves a pass over the batch x d_sae matrix.
+    select_needs_relu = True
 
     def __init__(self, specs: list[SAESpec], d_in: int, cfg: TrainConfig, b_dec_init: torch.Tensor) -> None:
         super().__init__(specs, d_in, cfg, b_dec_init)
@@ -82,7 +87,8 @@ class SparseTopKFamily(SAEGroup):
                                              cfg.decoder_path)
 
     def select(self, acts: torch.Tensor) -> Kept:
-        """The entries the architecture keeps, from ReLU(pre-activations) [n, b, d_sae].
+        """The entries the architecture keeps, from ReLU(pre-activations) [n, b, d_sae] (or the
+        pre-activations themselves where ``select_needs_relu`` is False).
 
         ReLU first changes nothing that matters: an entry whose pre-activation is <= 0 contributes
         ReLU = 0 and no gradient whether or not it is picked, and positive entries keep their ranks.
@@ -102,7 +108,8 @@ class SparseTopKFamily(SAEGroup):
             # one costs as much in page faults as its ReLU and top-k together on a CPU.
             acts = _workspace(n * b * m, x.device, x.dtype).view(n, b, m)
             torch.baddbmm(self.b_enc.unsqueeze(1), xin, self.W_enc, out=acts)
-            acts.relu_()
+            if self.select_needs_relu:
+                acts.relu_()
             kept = self.select(acts)
             dead = self.dead_mask()  # state before this step
             has_dead = dead.any(dim=1)

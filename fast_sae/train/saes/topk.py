@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .base import SAEGroup
-from .sparse import fixed_k_pattern
+from .sparse import fixed_k_pattern, top_k_last
 from .sparse_group import Kept, SparseTopKFamily, auxk_term
 
 
@@ -47,6 +47,7 @@ class TopKGroup(SparseTopKFamily):
     architecture = "topk"
     apply_b_dec_to_input = True
     uses_coefficient = False
+    select_needs_relu = False
 
     def encode_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pre = self.pre_activations(x)
@@ -62,7 +63,7 @@ class TopKGroup(SparseTopKFamily):
     def select(self, acts: torch.Tensor) -> Kept:
         """The same top-k as ``keep_top``, as a pattern: k_max entries per token, ranks >= k masked."""
         n, b, _ = acts.shape
-        top, idx = acts.topk(min(int(self.k.max()), self.d_sae), dim=-1)
+        top, idx = top_k_last(acts, min(int(self.k.max()), self.d_sae))
         pattern, order = fixed_k_pattern(idx, self.d_sae)
         keep = None
         if bool((self.k < top.shape[-1]).any()):
