@@ -5,8 +5,8 @@ width, scored on the same eval data. Inside a group each regime may bring a swee
 sparsity settings); the regimes are compared at matched L0 on their MSE–L0 frontiers
 (frontier.py), on the headline token filter and on all tokens, never at one coefficient. The
 group also says whether the regimes share one normalisation constant and whether any SAE was
-trained on the eval documents. Judge scores of the local embedded judge are carried with their
-"not meaningful" mark and never ranked.
+trained on the eval documents. Judge scores of a judge that did not pass its calibration
+(interpret/calibration.py) are carried with their "not meaningful" mark and never ranked.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def _sae_table(g: dict[str, Any]) -> list[str]:
     judge = g.get("judge")
     jlabel = None
     if judge:
-        jlabel = "top band % (4–5)" if judge["meaningful"] else "top band % — NOT MEANINGFUL (local 135M judge)"
+        jlabel = "top band % (4–5)" if judge["meaningful"] else "top band % — NOT MEANINGFUL (judge not calibrated)"
     lines = ["| regime | sparsity | " + " | ".join(c for c, _ in cols) + (f" | {jlabel}" if jlabel else "") + " |",
              "|---|---|" + "---|" * (len(cols) + (1 if jlabel else 0))]
     for s in g["saes"]:

@@ -217,6 +217,9 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
         for p in plans:
             _probe(cfg, entries, p, rows_by_cache[str(p.cache.path)], log)
     try:
+        if cfg.active_judge is not None and cfg.judge.calibrate:
+            report["judge_calibration"] = _calibrate(cfg, plans[0], models, log)
+            report["settings"]["judge"] = cfg.judge.describe()
         if cfg.interpret.enabled:
             _interpret(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], models, log)
         if cfg.intervention.enabled:
@@ -247,6 +250,32 @@ def _write_partial(report: dict[str, Any], rows: list[dict[str, Any]], cfg: Eval
         write_report(report, cfg.out)
     except Exception:  # never hide the original error behind a second one
         pass
+
+
+def _calibrate(cfg: EvalConfig, plan: CachePlan, models: dict[str, tuple[Any, Any]],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Score the judge on known cases from the held-out sequences (interpret.calibration); the result
+    decides whether this evaluation calls its judge scores meaningful."""
+    from .interpret.calibration import calibrate
+    from .interpret.judge import ReplyCache
+    from .interpret.judge_backends import make_backend
+
+    judge = cfg.judge
+    local = models.get(judge.model) if judge.backend == "local" and judge.model else None
+    backend = make_backend(judge, **({} if local is None else {"model": local[0], "tokenizer": local[1]}))
+    log(f"judge calibration: {2 * judge.calibration_cases} known cases per task ({judge.backend} {judge.model})")
+    held = TokenFilters.of(plan.cache, plan.held_out)
+    try:
+        result = calibrate(backend, plan.cache, cfg.out, judge_info=judge.describe(), retries=judge.retries,
+                           reply_cache=ReplyCache(judge.cache_dir or cfg.out / "judge_cache"),
+                           cases=judge.calibration_cases, min_auc=judge.calibration_min_auc,
+                           top_n=cfg.interpret.top_n, window=cfg.interpret.window, seed=cfg.interpret.seed,
+                           token_ranges=plan.held_out.token_runs(), prefix_length=held.prefix_length)
+    except ValueError as exc:
+        raise EvalError(f"judge calibration: {exc}") from None
+    judge.calibration = result
+    log(result["line"])
+    return {k: v for k, v in result.items() if k != "judge"}
 
 
 def _interpret(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
