@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import EvalError
 from .frontier import FILTERS, matched, plot_curves, plot_frontiers, regime_order
+from .intervention_tables import compare_lines as intervention_lines
 from .plots import metric_by_regime
 from .probe_tables import compare_lines, matched_probes
 from .report import _get, _json_safe, fmt, judge_meaningful, read_report
@@ -113,6 +114,10 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                f"(`{ev_cache}`)",
                     "regimes": {reg: [r["name"] for r in rs] for reg, rs in by_regime.items()},
                     "matched": matched(by_regime), "probes": matched_probes(by_regime), "saes": saes,
+                    "intervention": [{"regime": reg, "name": r["name"],
+                                      "likelihood": _get(r, "intervention.likelihood")}
+                                     for reg, rs in by_regime.items() for r in rs
+                                     if _get(r, "intervention.likelihood")],
                     "notes": _notes(by_regime),
                     "judge": None if not judged else {"meaningful": judge_meaningful(judged),
                                                       "note": next((_get(r, "interpretability.judge.note")
@@ -183,6 +188,7 @@ def render_markdown(groups: list[dict[str, Any]]) -> str:
         parts += [f"- {summary_line(m)}" for m in g["matched"] if m["metric"] == "log2 MSE_st" or
                   m["filter"] == FILTERS[0][0]] + [""]
         parts += compare_lines(g)
+        parts += intervention_lines(g.get("intervention") or [])
         parts += ["### Every SAE", ""] + _sae_table(g) + [""]
         if g.get("plots"):
             parts += [f"![{k}]({Path(v).name})" for k, v in g["plots"].items()] + [""]

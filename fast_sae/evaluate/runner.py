@@ -60,12 +60,20 @@ def _intervention_brief(summary: dict[str, Any]) -> dict[str, Any]:
               f"{r['n_identical_to_unmodified']}/{r['n_replies']} |" for r in rows]
     judge = summary.get("judge") or {}
     note = f"**Reply scores {judge['note']}**\n\n" if judge and not judge.get("scores_meaningful", True) else ""
+    lik = summary.get("likelihood")
+    lik_md = ""
+    if lik is not None:
+        from .intervention_tables import markdown
+
+        lik_md = "**Reference-reply likelihood under steering (no judge).** " + markdown(lik) + "\n\n"
+    judged_md = ("**Generated replies, judge scores.** " + note + f"unmodified mean score: "
+                 f"{f(summary.get('unmodified_mean_score'))}\n\n" + "\n".join(lines)) if rows else ""
     return {"rows": rows, "unmodified_mean_score": summary.get("unmodified_mean_score"),
+            "likelihood": None if lik is None else {k: v for k, v in lik.items() if k != "per_direction"},
             "features": summary.get("features"), "layer": summary.get("layer"), "mode": summary.get("mode"),
             "direction": summary.get("direction"), "positions": summary.get("positions"), "judge": summary.get("judge"),
             "files": summary.get("files"), "seconds": summary.get("seconds"),
-            "table_markdown": note + f"unmodified mean score: {f(summary.get('unmodified_mean_score'))}\n\n"
-                              + "\n".join(lines)}
+            "table_markdown": (lik_md + judged_md).strip()}
 
 
 @dataclass
@@ -325,8 +333,19 @@ def _intervene(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: 
                                    positions=iv.positions, max_new_tokens=iv.max_new_tokens, judge=cfg.active_judge,
                                    features=iv.features, mode=iv.mode, direction=iv.direction, model_id=model_id,
                                    model=models.get(model_id), token_ranges=plan.held_out.token_runs(),
-                                   name=str(e.path))
+                                   name=str(e.path), generate=iv.generate,
+                                   likelihood=None if not iv.likelihood else {
+                                       "n_conversations": iv.conversations, "reply_tokens": iv.reply_tokens,
+                                       "n_random": iv.random_directions, "n_matched": iv.matched_features,
+                                       "seed": iv.seed},
+                                   frequency=_frequency(row))
         row["intervention"] = _intervention_brief(summary)
+
+
+def _frequency(row: dict[str, Any]) -> np.ndarray | None:
+    """The SAE's feature activation frequency on the eval tokens, as the reconstruction pass saved it."""
+    path = (row.get("reconstruction") or {}).get("feature_frequency_file")
+    return np.load(path) if path and Path(path).is_file() else None
 
 
 def _load_model(model_id: str, device: str, log: Callable[[str], None]) -> tuple[Any, Any]:

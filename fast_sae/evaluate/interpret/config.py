@@ -63,6 +63,8 @@ class JudgeConfig:
     retry_temperature: float = setting(0.7, cli=False, help="Sampling temperature of retries.")
     device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
     constrained: bool = setting(True, cli=False, help="local: build the reply in the prompt's answer format.")
+    structured: bool = setting(False, help="openai: ask the server to decode only replies in the answer format "
+                                           "(vLLM's structured_outputs regex; hosted APIs reject it).")
     calibrate: bool = setting(True, flag="judge-calibrate", help="Score known cases first (planted vs random "
                                                                  "features, matching vs mismatched explanations); "
                                                                  "judge scores count only if it passes.")
@@ -115,4 +117,5 @@ class JudgeConfig:
                 "backend": self.backend, "model": self.model, "base_url": self.base_url,
                 "api_key_env": self.api_key_env, "max_new_tokens": self.max_new_tokens,
                 "retries": self.retries, "retry_temperature": self.retry_temperature,
-                "constrained": self.constrained if self.backend == "local" else None}
+                "constrained": self.constrained if self.backend == "local" else None,
+                "structured": self.structured if self.backend == "openai" else None}

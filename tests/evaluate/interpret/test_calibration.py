@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from fast_sae.actcache import ActivationCache, Role
-from fast_sae.actcache.from_arrays import write_cache_from_arrays
 from fast_sae.evaluate.compare import run_compare
 from fast_sae.evaluate.config import EvalConfig, InterpretSettings
 from fast_sae.evaluate.downstream import DownstreamConfig
@@ -21,35 +20,7 @@ from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer
 
 from ..helpers import save_pca_sae
 from ..http_servers import JudgeServer, oracle_judge, random_judge
-
-SENTENCES = ["The cat sat on the mat near the window.", "Please write a poem about the sea and the moon.",
-             "Water boils at one hundred degrees.", "My garden has tomatoes, beans and a small apple tree.",
-             "Explain how a bicycle works in simple words.", "The train leaves the station at noon every day.",
-             "Music helps people relax after work.", "Paris is the capital city of France."]
-PREFIX = "You are a helpful assistant."
-
-
-@pytest.fixture(scope="module")
-def chat_cache(tmp_path_factory):
-    """60 real-token conversations (embedded tokenizer): a shared system prefix, a user turn, an assistant turn."""
-    tok = load_tokenizer(EMBEDDED_MODEL)
-    rng = np.random.default_rng(0)
-    ids, roles, starts, docs = [], [], [0], []
-    prefix = tok(PREFIX, add_special_tokens=False)["input_ids"]
-    for d in range(60):
-        seq = [(1, Role.SPECIAL)] + [(t, Role.DEFAULT_SYSTEM) for t in prefix]
-        for role in (Role.USER, Role.ASSISTANT):
-            text = " ".join(rng.choice(SENTENCES, size=2, replace=False))
-            seq += [(2, Role.SPECIAL)] + [(t, role) for t in tok(text, add_special_tokens=False)["input_ids"]]
-        ids += [t for t, _ in seq]
-        roles += [int(r) for _, r in seq]
-        docs += [d] * len(seq)
-        starts.append(len(ids))
-    acts = np.random.default_rng(1).standard_normal((len(ids), 8)).astype(np.float32)
-    path = write_cache_from_arrays(tmp_path_factory.mktemp("cal") / "cache", {1: acts}, seq_starts=starts,
-                                   token_ids=ids, roles=roles, doc_ids=docs, chunk_tokens=256, tokenizer=tok,
-                                   regime="fast", model_id=EMBEDDED_MODEL)
-    return path, acts
+from .conftest import CHAT_PREFIX
 
 
 def test_auc_by_hand():
@@ -60,7 +31,7 @@ def test_auc_by_hand():
 
 def test_cases_are_what_they_claim(chat_cache):
     cache = ActivationCache.open(chat_cache[0])
-    n_prefix = 1 + len(load_tokenizer(EMBEDDED_MODEL)(PREFIX, add_special_tokens=False)["input_ids"])
+    n_prefix = 1 + len(load_tokenizer(EMBEDDED_MODEL)(CHAT_PREFIX, add_special_tokens=False)["input_ids"])
     cases = build_cases(cache, cases=4, top_n=5, window=6, seed=3, prefix_length=n_prefix)
     ids, roles = cache.token_ids(), cache.roles()
     planted = [c for c in cases if c.kind == "planted"]
