@@ -45,7 +45,8 @@ def compare_lines(entries: Sequence[dict[str, Any]]) -> list[str]:
              "likely. The judge's reply scores are in each report, counted only where the judge passed its "
              "calibration.", "",
              "| regime | SAE | features | alpha | Δ special | Δ random dir. | Δ matched feat. | "
-             "special − random dir. | special − matched feat. | conversations |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "special − random dir. | special − matched feat. | conversations |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         lik = e["likelihood"]
         for r in lik["rows"]:
