@@ -103,12 +103,12 @@ def reply_loglik(model: Any, conversations: Sequence[Conversation], batch_size: 
         for i, x in enumerate(seqs):
             ids[i, :len(x)] = torch.tensor(x)
             mask[i, :len(x)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.double()
-        logp = logits.log_softmax(-1)
-        for i, c in enumerate(batch):
-            pos = torch.arange(len(c.context) - 1, len(c.context) + len(c.reply) - 1, device=logp.device)
-            target = torch.tensor(c.reply, device=logp.device)
-            out[lo + i] = float(logp[i, pos, target].mean())
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for i, c in enumerate(batch):  # only the reply positions: the full (batch, length, vocab) is large
+            pos = torch.arange(len(c.context) - 1, len(c.context) + len(c.reply) - 1, device=logits.device)
+            logp = logits[i, pos].double().log_softmax(-1)
+            target = torch.tensor(c.reply, device=logits.device)
+            out[lo + i] = float(logp[torch.arange(len(c.reply), device=logits.device), target].mean())
     return out
 
 

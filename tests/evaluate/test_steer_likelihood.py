@@ -13,6 +13,7 @@ from fast_sae.actcache import ActivationCache, Role
 from fast_sae.evaluate.compare import run_compare
 from fast_sae.evaluate.config import EvalConfig, InterventionSettings
 from fast_sae.evaluate.downstream import DownstreamConfig
+from fast_sae.evaluate.interpret import JudgeConfig
 from fast_sae.evaluate.intervention import SteeringSpec, steering, steering_direction
 from fast_sae.evaluate.runner import run_evaluation
 from fast_sae.evaluate.steer_likelihood import (
@@ -89,7 +90,8 @@ def test_likelihood_in_report_and_compare(fast_cache, embedded_model, random_sae
     iv = InterventionSettings(enabled=True, alphas=(0, 50), generate=False, conversations=3, reply_tokens=4,
                               random_directions=1, matched_features=1)
     report = run_evaluation(EvalConfig(saes=[random_sae.parent], caches=[fast_cache], out=out, progress=False,
-                                       plots=False, downstream=DownstreamConfig(enabled=False), intervention=iv),
+                                       plots=False, downstream=DownstreamConfig(enabled=False), intervention=iv,
+                                       judge=JudgeConfig(enabled=False)),
                             log=lambda _m: None, models={EMBEDDED_MODEL: embedded_model})
     lik = report["rows"][0]["intervention"]["likelihood"]
     assert lik["n_conversations"] >= 2 and lik["alpha0_identical"] and [r["alpha"] for r in lik["rows"]] == [0, 50]
