@@ -78,7 +78,7 @@ def test_local_judge_scores_are_marked_and_never_ranked_in_compare():
     (g,) = comparison(rows)
     assert g["judge"]["meaningful"] is False
     md = render_markdown([g])
-    assert "top band % — NOT MEANINGFUL (local 135M judge)" in md and "they are not a result" in md
+    assert "top band % — NOT MEANINGFUL (judge not calibrated)" in md and "they are not a result" in md
     assert "**50.0**" not in md  # never bold
     good = comparison([_judged(r, True) for r in rows])[0]
     assert good["judge"]["meaningful"] is True and "NOT MEANINGFUL" not in render_markdown([good])

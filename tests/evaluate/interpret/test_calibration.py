@@ -49,9 +49,10 @@ def test_cases_are_what_they_claim(chat_cache):
             assert all(sum(a > 0 for a in ctx["acts"]) == 1 for ctx in c.contexts)
     explained = [c for c in cases if c.task == "explanation"]
     assert sum(c.positive for c in explained) == 4 == sum(not c.positive for c in explained)
+    tok = cache.tokenizer()
     for c in explained:
         word = json.loads(c.explanation.removeprefix("the token "))
-        assert (word == cache.tokenizer().decode([c.token_id]).strip()) == c.positive
+        assert (word == tok.decode([c.token_id]).strip()) == c.positive
     with pytest.raises(ValueError, match="word tokens occur in >= 61 held-out sequences"):
         build_cases(cache, cases=4, top_n=61)  # more sequences than the cache has
 
