@@ -71,8 +71,9 @@ class DemoConfig:
                                   "none (raw activations).")
     downstream_sequences: int = setting(8, help="Held-out conversations of the downstream loss.")
     interpret: bool = setting(True, help="Top examples and dashboards per SAE (held-out conversations only).")
-    judge: bool = setting(False, help="Also score features with the local judge (the embedded 135M model: its "
-                                      "scores are marked not meaningful; slow on a CPU).")
+    judge: bool = setting(False, help="Also score features with the local judge (the embedded 135M model; it is "
+                                      "calibrated first and fails, so its scores are marked not meaningful; "
+                                      "slow on a CPU).")
     n_features: int = setting(8, help="Features per SAE in the dashboards / sent to the judge.")
 
 

@@ -5,8 +5,8 @@ width, scored on the same eval data. Inside a group each regime may bring a swee
 sparsity settings); the regimes are compared at matched L0 on their MSE–L0 frontiers
 (frontier.py), on the headline token filter and on all tokens, never at one coefficient. The
 group also says whether the regimes share one normalisation constant and whether any SAE was
-trained on the eval documents. Judge scores of the local embedded judge are carried with their
-"not meaningful" mark and never ranked.
+trained on the eval documents. Judge scores of a judge that did not pass its calibration
+(interpret/calibration.py) are carried with their "not meaningful" mark and never ranked.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from .errors import EvalError
 from .frontier import FILTERS, matched, plot_curves, plot_frontiers, regime_order
+from .intervention_tables import compare_lines as intervention_lines
 from .plots import metric_by_regime
 from .probe_tables import compare_lines, matched_probes
 from .report import _get, _json_safe, fmt, judge_meaningful, read_report
@@ -117,6 +118,10 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                                f"(`{ev_cache}`)",
                     "regimes": {reg: [r["name"] for r in rs] for reg, rs in by_regime.items()},
                     "matched": matched(by_regime), "probes": matched_probes(by_regime), "saes": saes,
+                    "intervention": [{"regime": reg, "name": r["name"],
+                                      "likelihood": _get(r, "intervention.likelihood")}
+                                     for reg, rs in by_regime.items() for r in rs
+                                     if _get(r, "intervention.likelihood")],
                     "notes": _notes(by_regime),
                     "judge": None if not judged else {"meaningful": judge_meaningful(judged),
                                                       "note": next((_get(r, "interpretability.judge.note")
@@ -150,7 +155,7 @@ def _sae_table(g: dict[str, Any]) -> list[str]:
     judge = g.get("judge")
     jlabel = None
     if judge:
-        jlabel = "top band % (4–5)" if judge["meaningful"] else "top band % — NOT MEANINGFUL (local 135M judge)"
+        jlabel = "top band % (4–5)" if judge["meaningful"] else "top band % — NOT MEANINGFUL (judge not calibrated)"
     lines = ["| regime | sparsity | " + " | ".join(c for c, _ in cols) + (f" | {jlabel}" if jlabel else "") + " |",
              "|---|---|" + "---|" * (len(cols) + (1 if jlabel else 0))]
     for s in g["saes"]:
@@ -187,6 +192,7 @@ def render_markdown(groups: list[dict[str, Any]]) -> str:
         parts += [f"- {summary_line(m)}" for m in g["matched"] if m["metric"] == "log2 MSE_st" or
                   m["filter"] == FILTERS[0][0]] + [""]
         parts += compare_lines(g)
+        parts += intervention_lines(g.get("intervention") or [])
         parts += ["### Every SAE", ""] + _sae_table(g) + [""]
         if g.get("plots"):
             parts += [f"![{k}]({Path(v).name})" for k, v in g["plots"].items()] + [""]

@@ -53,8 +53,10 @@ class InterpretSettings:
 class InterventionSettings:
     """The special-token steering experiment per SAE (evaluate.intervention)."""
 
-    enabled: bool = setting(False, flag="intervention", help="Steer generation with the SAE's special-token "
-                                                             "features and judge the replies.")
+    enabled: bool = setting(False, flag="intervention", help="Steer the model with the SAE's special-token "
+                                                             "features: reference-reply likelihood against "
+                                                             "controls, and generated replies (judged when the "
+                                                             "judge passes its calibration).")
     alphas: tuple[float, ...] = setting((0, 15, 25, 50), flag="alphas", help="Steering strengths.")
     n_features: int = setting(1, help="Features to steer with (discovered on special tokens).")
     features: list[int] | None = setting(None, help="Feature ids [default: discovered].")
@@ -64,6 +66,17 @@ class InterventionSettings:
                              help="add mode: the unit-norm decoder direction (the paper's d_k), or the folded "
                                   "checkpoint row as stored (its norm depends on the training normalisation).")
     max_new_tokens: int = setting(48, help="Reply length.")
+    generate: bool = setting(True, help="Generate replies to the prompts under steering (and judge them when a "
+                                        "judge is on).")
+    likelihood: bool = setting(True, help="Judge-free measure: log-likelihood of held-out reference replies "
+                                          "under steering, against random directions and frequency-matched "
+                                          "random features.")
+    conversations: int = setting(16, help="Held-out conversations of the likelihood measure.")
+    reply_tokens: int = setting(32, help="Reference-reply tokens scored per conversation.")
+    random_directions: int = setting(4, help="Random unit directions (control 1).")
+    matched_features: int = setting(4, help="Random SAE features of matched activation frequency per steered "
+                                            "feature (control 2).")
+    seed: int = setting(0, help="Seed of the conversation sample and the controls.")
     prompts: list[str] | None = setting(None, flag="prompts-file", parse=read_prompts, metavar="FILE",
                                         help="Intervention prompts: a JSON list or one per line "
                                              "[default: the shipped prompts].")

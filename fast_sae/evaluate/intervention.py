@@ -165,6 +165,14 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _likelihood_lines(lik: dict | None) -> list[str]:
+    if lik is None:
+        return []
+    from .intervention_tables import markdown
+
+    return ["## Reference-reply likelihood under steering (no judge)", "", markdown(lik), ""]
+
+
 def _markdown(summary: dict, rows: list[dict]) -> str:
     judge = summary["judge"]
     note = [f"**Reply scores {judge['note']}**", ""] if judge and not judge.get("scores_meaningful", True) else []
@@ -173,6 +181,8 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
              f"`{summary.get('direction')}`, positions "
              f"`{summary['positions']}`, {summary['n_prompts']} prompts, greedy, max_new_tokens "
              f"{summary['max_new_tokens']}, judge: {summary['judge']['model'] if summary['judge'] else 'none'}", "",
+             *_likelihood_lines(summary.get("likelihood")),
+             "## Generated replies" + ("" if summary.get("generated", True) else " (not run: --no-steer-generate)"), "",
              f"Unmodified model: mean quality {summary['unmodified_mean_score']}", "",
              "| feature | alpha | mean score (1-10) | delta vs unmodified | scored | identical to unmodified |",
              "|---|---|---|---|---|---|"]
@@ -286,14 +296,20 @@ def run_intervention(sae: Any, cache: ActivationCache | Path, out_dir: Path, *, 
                      max_new_tokens: int = 48, judge: JudgeConfig | None = None, features: list[int] | None = None,
                      mode: str = "add", direction: str = "unit", top_k: int = 5, model_id: str | None = None,
                      model: tuple[Any, Any] | None = None, device: str = "cpu",
-                     token_ranges: list[tuple[int, int]] | None = None, name: str | None = None) -> dict:
+                     token_ranges: list[tuple[int, int]] | None = None, name: str | None = None,
+                     generate: bool = True, likelihood: dict[str, Any] | None = None,
+                     frequency: np.ndarray | None = None) -> dict:
     """Run the experiment described in the module docstring on a loaded SAE (or its folder) and an opened
     cache (or its path); ``model`` may pass a loaded (model, tokenizer), else the model is loaded on
     ``device``; ``token_ranges`` restricts feature discovery to those cache tokens.
 
-    ``model_id`` defaults to the cache's model (the one the SAE was trained on). Returns a JSON-safe
+    ``model_id`` defaults to the cache's model (the one the SAE was trained on). ``generate`` off skips
+    the generated (and judged) replies. ``likelihood`` (keyword arguments of ``steer_likelihood.measure``:
+    n_conversations, reply_tokens, n_random, n_matched, seed) adds the judge-free measurement on held-out
+    conversations of ``token_ranges``, against its controls; ``frequency`` gives the features' activation
+    frequencies for the matched control (else computed on ``token_ranges``). Returns a JSON-safe
     summary with ``rows`` (feature, alpha, mean_score, delta_vs_unmodified, replies ...),
-    ``unmodified_mean_score``, ``special_token_features`` and ``files``.
+    ``unmodified_mean_score``, ``likelihood``, ``special_token_features`` and ``files``.
     """
     t0 = time.time()
     if positions not in POSITIONS or mode not in MODES:
@@ -310,9 +326,17 @@ def run_intervention(sae: Any, cache: ActivationCache | Path, out_dir: Path, *, 
                         f"SAE d_in {sae.d_in}")
     plan = plan_intervention(sae, cache, prompts=prompts, n_features=n_features, features=features, top_k=top_k,
                              direction=direction, tokenizer=tok, token_ranges=token_ranges)
+    lik = None
+    if likelihood is not None:
+        from .steer_likelihood import measure  # imported here: it builds on this module's steering
+
+        lik = measure(lm, sae, cache, layer=plan.layer, features=plan.features, alphas=alphas,
+                      token_ranges=token_ranges, positions=positions, special_ids=plan.special_ids,
+                      frequency=frequency, **likelihood)
     sae = sae.to(lm.device)  # the steering hook (scale mode) encodes on the model's device
-    unmodified, rows = generate_all(lm, tok, sae, plan, alphas, positions, mode, max_new_tokens)
-    base_mean, calls = judge_replies(judge, lm, tok, model_id, out_dir, unmodified, rows)
+    unmodified, rows = (generate_all(lm, tok, sae, plan, alphas, positions, mode, max_new_tokens) if generate
+                        else ([], []))
+    base_mean, calls = judge_replies(judge if generate else None, lm, tok, model_id, out_dir, unmodified, rows)
     summary = {"sae": label, "cache": str(cache.path), "model": model_id, "layer": plan.layer, "mode": mode,
                "direction": plan.direction if mode == "add" else None, "positions": positions,
                "alphas": [float(a) for a in alphas], "features": plan.features, "max_new_tokens": max_new_tokens,
@@ -320,7 +344,7 @@ def run_intervention(sae: Any, cache: ActivationCache | Path, out_dir: Path, *, 
                "discovery_token_ranges": [list(r) for r in token_ranges] if token_ranges is not None else None,
                "judge": judge.describe() if judge else None, "judge_prompt": QUALITY_PROMPT if judge else None,
                "judge_backend_calls": calls, "special_token_features": plan.table, "unmodified": unmodified,
-               "unmodified_mean_score": base_mean, "rows": rows}
+               "unmodified_mean_score": base_mean, "rows": rows, "generated": generate, "likelihood": lik}
     json_file, md_file = out_dir / "intervention.json", out_dir / "intervention.md"
     json_file.write_text(json.dumps(summary, indent=1, ensure_ascii=False))
     md_file.write_text(_markdown(summary, rows), encoding="utf-8")

@@ -70,7 +70,8 @@ ROLE_COLUMNS: list[tuple[str, str, str]] = [("SAE", "name", "s"), ("eval on", "e
 
 
 def judge_meaningful(rows: list[dict[str, Any]]) -> bool:
-    """Whether every judged row's scores are meaningful (False if any comes from the local embedded judge)."""
+    """Whether every judged row's scores are meaningful: its judge passed the calibration
+    (interpret/calibration.py) of that evaluation; False if any row's judge failed or was not calibrated."""
     flags = [_get(r, "interpretability.scores.meaningful") for r in rows if _get(r, "interpretability.scores")]
     return bool(flags) and all(f is not False for f in flags)
 
@@ -230,6 +231,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     from .probe_tables import report_lines  # imported here: probe_tables builds on this module's helpers
 
     parts += report_lines(rows)
+    parts += _calibration_section(report.get("judge_calibration"))
     parts += _interpretability_section(rows)
     iv = [r for r in rows if r.get("intervention")]
     if iv:
@@ -243,6 +245,27 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("warnings"):
         parts += ["## Warnings", ""] + [f"- {w}" for w in report["warnings"]] + [""]
     return "\n".join(parts)
+
+
+def _calibration_section(cal: dict[str, Any] | None) -> list[str]:
+    """The judge's scores on known cases, which decide whether its scores below count (interpret/calibration.py)."""
+    if not cal:
+        return []
+    lines = ["## Judge calibration", "",
+             f"**{cal.get('line')}.** Known cases from the held-out eval tokens (content tokens outside the shared "
+             f"prefix): *consistency* = prompt judge_v1 on features planted on one word token (every occurrence "
+             f"active) vs random latents (one random token per context); *explanation* = prompt explanation_v1, the "
+             f"planted class's own explanation vs another class's. AUC = P(positive scores above negative), ties "
+             f"½. Judge scores in this report are called meaningful only if both tasks pass.", "",
+             "| task | AUC | positives scored | negatives scored | mean score + | mean score − | pass |",
+             "|---|---|---|---|---|---|---|"]
+    for task, t in (cal.get("tasks") or {}).items():
+        lines.append(f"| {task} | {fmt(t.get('auc'), '.3f')} | {t.get('n_positive')}/{t.get('asked_positive')} | "
+                     f"{t.get('n_negative')}/{t.get('asked_negative')} | {fmt(t.get('mean_positive'), '.2f')} | "
+                     f"{fmt(t.get('mean_negative'), '.2f')} | {fmt(t.get('passed'), 's')} |")
+    if cal.get("file"):
+        lines += ["", f"Every case, its contexts and the judge's replies: `{cal['file']}`"]
+    return lines + [""]
 
 
 def _interpretability_section(rows: list[dict[str, Any]]) -> list[str]:

@@ -61,12 +61,20 @@ def _intervention_brief(summary: dict[str, Any]) -> dict[str, Any]:
               f"{r['n_identical_to_unmodified']}/{r['n_replies']} |" for r in rows]
     judge = summary.get("judge") or {}
     note = f"**Reply scores {judge['note']}**\n\n" if judge and not judge.get("scores_meaningful", True) else ""
+    lik = summary.get("likelihood")
+    lik_md = ""
+    if lik is not None:
+        from .intervention_tables import markdown
+
+        lik_md = "**Reference-reply likelihood under steering (no judge).** " + markdown(lik) + "\n\n"
+    judged_md = ("**Generated replies, judge scores.** " + note + f"unmodified mean score: "
+                 f"{f(summary.get('unmodified_mean_score'))}\n\n" + "\n".join(lines)) if rows else ""
     return {"rows": rows, "unmodified_mean_score": summary.get("unmodified_mean_score"),
+            "likelihood": None if lik is None else {k: v for k, v in lik.items() if k != "per_direction"},
             "features": summary.get("features"), "layer": summary.get("layer"), "mode": summary.get("mode"),
             "direction": summary.get("direction"), "positions": summary.get("positions"), "judge": summary.get("judge"),
             "files": summary.get("files"), "seconds": summary.get("seconds"),
-            "table_markdown": note + f"unmodified mean score: {f(summary.get('unmodified_mean_score'))}\n\n"
-                              + "\n".join(lines)}
+            "table_markdown": (lik_md + judged_md).strip()}
 
 
 @dataclass
@@ -218,6 +226,9 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
         for p in plans:
             _probe(cfg, entries, p, rows_by_cache[str(p.cache.path)], log)
     try:
+        if cfg.active_judge is not None and cfg.judge.calibrate:
+            report["judge_calibration"] = _calibrate(cfg, plans[0], models, log)
+            report["settings"]["judge"] = cfg.judge.describe()
         if cfg.interpret.enabled:
             _interpret(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], models, log)
         if cfg.intervention.enabled:
@@ -248,6 +259,32 @@ def _write_partial(report: dict[str, Any], rows: list[dict[str, Any]], cfg: Eval
         write_report(report, cfg.out)
     except Exception:  # never hide the original error behind a second one
         pass
+
+
+def _calibrate(cfg: EvalConfig, plan: CachePlan, models: dict[str, tuple[Any, Any]],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """Score the judge on known cases from the held-out sequences (interpret.calibration); the result
+    decides whether this evaluation calls its judge scores meaningful."""
+    from .interpret.calibration import calibrate
+    from .interpret.judge import ReplyCache
+    from .interpret.judge_backends import make_backend
+
+    judge = cfg.judge
+    local = models.get(judge.model) if judge.backend == "local" and judge.model else None
+    backend = make_backend(judge, **({} if local is None else {"model": local[0], "tokenizer": local[1]}))
+    log(f"judge calibration: {2 * judge.calibration_cases} known cases per task ({judge.backend} {judge.model})")
+    held = TokenFilters.of(plan.cache, plan.held_out)
+    try:
+        result = calibrate(backend, plan.cache, cfg.out, judge_info=judge.describe(), retries=judge.retries,
+                           reply_cache=ReplyCache(judge.cache_dir or cfg.out / "judge_cache"),
+                           cases=judge.calibration_cases, min_auc=judge.calibration_min_auc,
+                           top_n=cfg.interpret.top_n, window=cfg.interpret.window, seed=cfg.interpret.seed,
+                           token_ranges=plan.held_out.token_runs(), prefix_length=held.prefix_length)
+    except ValueError as exc:
+        raise EvalError(f"judge calibration: {exc}") from None
+    judge.calibration = result
+    log(result["line"])
+    return {k: v for k, v in result.items() if k != "judge"}
 
 
 def _interpret(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
@@ -297,8 +334,19 @@ def _intervene(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: 
                                    positions=iv.positions, max_new_tokens=iv.max_new_tokens, judge=cfg.active_judge,
                                    features=iv.features, mode=iv.mode, direction=iv.direction, model_id=model_id,
                                    model=models.get(model_id), token_ranges=plan.held_out.token_runs(),
-                                   name=str(e.path))
+                                   name=str(e.path), generate=iv.generate,
+                                   likelihood=None if not iv.likelihood else {
+                                       "n_conversations": iv.conversations, "reply_tokens": iv.reply_tokens,
+                                       "n_random": iv.random_directions, "n_matched": iv.matched_features,
+                                       "seed": iv.seed},
+                                   frequency=_frequency(row))
         row["intervention"] = _intervention_brief(summary)
+
+
+def _frequency(row: dict[str, Any]) -> np.ndarray | None:
+    """The SAE's feature activation frequency on the eval tokens, as the reconstruction pass saved it."""
+    path = (row.get("reconstruction") or {}).get("feature_frequency_file")
+    return np.load(path) if path and Path(path).is_file() else None
 
 
 def _load_model(model_id: str, device: str, log: Callable[[str], None]) -> tuple[Any, Any]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -65,3 +67,72 @@ def ok_response(sock: socket.socket, _: dict, body: bytes | None = None) -> None
     body = completion() if body is None else body
     sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                  + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+# ------------------------------------------------------------------ judges that answer by what they are asked
+_PAIR = re.compile(r'("(?:[^"\\]|\\.)*") \(([0-9.]+)\)')
+_EXPLANATION = re.compile(r"Proposed explanation: the token (\".*\")\n")
+
+
+def _verdict(prompt_system: str, score: int, name: str = "a feature") -> str:
+    if "Match score" in prompt_system:
+        return f"Match score: [[{score}]]"
+    return f"My final verdict score is: [[{score}]], feature name is [[{name}]]"
+
+
+def random_judge(seed: int = 0) -> Callable[[dict], str]:
+    """A judge that ignores the question: a uniform random 1-5 score in the right format."""
+    rng = random.Random(seed)
+    return lambda body: _verdict(body["messages"][0]["content"], rng.randint(1, 5))
+
+
+def oracle_judge(body: dict) -> str:
+    """A judge that reads the contexts correctly: 5 when every active token is the same token (and, asked
+    about an explanation ``the token "X"``, that token is X), else 1."""
+    system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    active = {json.loads(tok).strip() for tok, act in _PAIR.findall(user) if float(act) > 0}
+    consistent = len(active) == 1
+    if "Match score" in system:
+        said = _EXPLANATION.search(user)
+        return _verdict(system, 5 if consistent and said and json.loads(said.group(1)) in active else 1)
+    return _verdict(system, 5 if consistent else 1, name=f"the token {sorted(active)[0]!r}" if active else "none")
+
+
+class JudgeServer:
+    """A real OpenAI-compatible chat-completions server on 127.0.0.1 (ephemeral port) whose replies come
+    from ``answer(request body)``. It stops by itself after ``lifetime_s`` seconds, so a failing test can
+    never leave it running; ``close()`` stops it at once."""
+
+    def __init__(self, answer: Callable[[dict], str], lifetime_s: float = 300.0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[dict] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append(body)
+                data = completion(answer(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+        self.timer = threading.Timer(lifetime_s, self.close)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def close(self) -> None:
+        self.timer.cancel()
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()

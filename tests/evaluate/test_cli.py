@@ -13,6 +13,7 @@ from fast_sae.actcache import ActivationCache
 from fast_sae.evaluate.cli import compare_cmd, evaluate_cmd
 from fast_sae.evaluate.config import EvalConfig, InterventionSettings
 from fast_sae.evaluate.downstream import DownstreamConfig
+from fast_sae.evaluate.interpret import JudgeConfig
 from fast_sae.evaluate.runner import run_evaluation
 
 from .helpers import save_identity_sae, save_pca_sae
@@ -123,9 +124,12 @@ def test_intervention_is_wired_into_the_report(tmp_path, runs, fast_cache, embed
     report = run_evaluation(EvalConfig(
         saes=[run_fast], caches=[fast_cache], out=tmp_path / "o", downstream=DownstreamConfig(enabled=False),
         progress=False, max_eval_tokens=500,
-        intervention=InterventionSettings(enabled=True, alphas=(0, 50), max_new_tokens=3, prompts=["Say hello."])),
+        intervention=InterventionSettings(enabled=True, alphas=(0, 50), max_new_tokens=3, prompts=["Say hello."],
+                                          conversations=3, reply_tokens=4, random_directions=1, matched_features=1),
+        judge=JudgeConfig(calibrate=False, max_new_tokens=4, retries=0)),  # calibration: tests/evaluate/interpret
         log=lambda _m: None, models={model_id: embedded_model})
     iv = report["rows"][0]["intervention"]
+    assert iv["likelihood"]["alpha0_identical"] and [r["alpha"] for r in iv["likelihood"]["rows"]] == [0.0, 50.0]
     assert [r["alpha"] for r in iv["rows"]] == [0.0, 50.0]
     assert iv["rows"][0]["n_identical_to_unmodified"] == 1  # alpha 0 leaves generation unchanged
     assert Path(iv["files"]["json"]).is_file()

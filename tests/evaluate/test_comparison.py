@@ -78,7 +78,7 @@ def test_local_judge_scores_are_marked_and_never_ranked_in_compare():
     (g,) = comparison(rows)
     assert g["judge"]["meaningful"] is False
     md = render_markdown([g])
-    assert "top band % — NOT MEANINGFUL (local 135M judge)" in md and "they are not a result" in md
+    assert "top band % — NOT MEANINGFUL (judge not calibrated)" in md and "they are not a result" in md
     assert "**50.0**" not in md  # never bold
     good = comparison([_judged(r, True) for r in rows])[0]
     assert good["judge"]["meaningful"] is True and "NOT MEANINGFUL" not in render_markdown([good])
@@ -139,11 +139,15 @@ def test_local_judge_scores_carry_the_mark_through_to_compare(tmp_path, fast_cac
     out = tmp_path / "eval"
     report = run_evaluation(EvalConfig(saes=[tmp_path / "run"], caches=[fast_cache], out=out, progress=False,
                                        downstream=DownstreamConfig(enabled=False),
-                                       interpret=InterpretSettings(enabled=True, n_features=1),
-                                       judge=JudgeConfig(max_new_tokens=4, retries=0)),
+                                       interpret=InterpretSettings(enabled=True, n_features=1, top_n=3),
+                                       judge=JudgeConfig(max_new_tokens=4, retries=0, calibration_cases=2)),
                             log=lambda _m: None, models={EMBEDDED_MODEL: embedded_model})
     scores = report["rows"][0]["interpretability"]["scores"]
-    assert scores["meaningful"] is False and report["settings"]["judge"]["scores_meaningful"] is False
+    cal = report["judge_calibration"]  # measured on 2 + 2 known cases per task here (8 + 8 by default)
+    assert sum(t["asked_positive"] + t["asked_negative"] for t in cal["tasks"].values()) == 8
+    assert scores["meaningful"] is cal["passed"] is report["settings"]["judge"]["scores_meaningful"]
+    assert not cal["passed"], cal["line"]  # the greedy 135M judge does not separate even 2 + 2 known cases
+    assert "judge calibration FAILED" in report["settings"]["judge"]["note"]
     md = (out / "report.md").read_text()
     assert "top band" not in md.split("## By token filter")[0]  # not in the main table
     assert "They are listed for completeness, not as a result." in md

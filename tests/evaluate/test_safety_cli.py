@@ -107,7 +107,7 @@ def test_an_interrupted_judged_evaluation_writes_what_it_has(tmp_path, raw_serve
     proc = _evaluate("--sae", saes[0], "--sae", saes[1], "--eval-cache", cache, "--out", tmp_path / "out",
                      "--no-downstream", "--no-plots", "--no-progress", "--interpret", "--n-features", "2",
                      "--judge-backend", "openai", "--judge-url", judge.server.url, "--judge-model", "m",
-                     "--judge-retries", "0", "--judge-timeout", "120", background=True)
+                     "--judge-retries", "0", "--judge-timeout", "120", "--no-judge-calibrate", background=True)
     deadline = time.time() + 240
     while len(judge.server.requests) < 4 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -140,7 +140,7 @@ def test_a_truncating_judge_leaves_the_run_whole(tmp_path, raw_server, embedded_
     proc = _evaluate("--sae", save_random_sae(tmp_path / "sae", D, 16, LAYER), "--eval-cache", cache,
                      "--out", tmp_path / "out", "--no-downstream", "--no-plots", "--no-progress", "--interpret",
                      "--n-features", "2", "--judge-backend", "openai", "--judge-url", server.url,
-                     "--judge-model", "m", "--judge-retries", "1", "--judge-timeout", "5")
+                     "--judge-model", "m", "--judge-retries", "1", "--judge-timeout", "5", "--no-judge-calibrate")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     interp = report["rows"][0]["interpretability"]

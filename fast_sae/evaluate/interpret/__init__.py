@@ -11,8 +11,11 @@ Entry points:
   retries, cache_dir, timeout_s, retry_temperature, device, constrained.
 - ``parse_verdict`` / ``parse_quality`` raise ``JudgeParseError`` on malformed replies;
   ``BackendError`` is a failed judge call (both are recorded per item, never raised by the runs).
+- ``calibration.calibrate(backend, cache, out_dir, ...)``: the judge scores known cases first; its
+  AUC decides ``JudgeConfig.scores_meaningful`` (set ``JudgeConfig.calibration`` to the result).
 Modules: ``top_examples`` (streaming exact top-k), ``judge`` (prompts, strict parsing, reply cache,
-bands), ``judge_backends`` (local / HTTP), ``dashboard`` (HTML), ``run`` (orchestration).
+bands), ``judge_backends`` (local / HTTP), ``calibration`` (known cases, AUC), ``dashboard`` (HTML),
+``run`` (orchestration).
 """
 from .config import JudgeConfig
 from .judge import BackendError, JudgeParseError, parse_quality, parse_verdict, score_bands

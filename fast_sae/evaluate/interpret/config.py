@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fast_sae.lm import EMBEDDED_MODEL
 from fast_sae.options import setting
@@ -15,8 +16,8 @@ from fast_sae.options import setting
 from ..errors import EvalError
 
 BACKENDS = ("local", "openai")
-NOT_MEANINGFUL = ("not meaningful: the local embedded judge (a 135M model) gives a clean single-concept feature "
-                  "and random tokens the same score; use a capable judge (--judge-backend openai) for results")
+NOT_CALIBRATED = ("not meaningful: the judge was not calibrated (a judge is believed only after it separates "
+                  "known cases, evaluate.interpret.calibration; --judge-calibrate)")
 
 
 @dataclass
@@ -39,6 +40,9 @@ class JudgeConfig:
     enabled: whether the evaluation asks the judge at all (the settings stay in the report either way).
     constrained: "local" only: build the reply in the prompt's answer format (most likely score,
         generated name) instead of hoping a small model writes the verdict line; see LocalBackend.
+    calibrate / calibration_cases / calibration_min_auc: before any score is reported, the judge scores
+        known cases (calibration.py); its scores are called meaningful only if it passes.
+    calibration: the calibration result (set by the evaluation, not an option); None = not calibrated.
     """
 
     enabled: bool = setting(True, flag="judge", help="Ask the LLM judge (with --interpret / --intervention); "
@@ -59,6 +63,17 @@ class JudgeConfig:
     retry_temperature: float = setting(0.7, cli=False, help="Sampling temperature of retries.")
     device: str = setting("cpu", cli=False, help="Set from the evaluation's --device.")
     constrained: bool = setting(True, cli=False, help="local: build the reply in the prompt's answer format.")
+    structured: bool = setting(False, help="openai: ask the server to decode only replies in the answer format "
+                                           "(vLLM's structured_outputs regex; hosted APIs reject it).")
+    calibrate: bool = setting(True, flag="judge-calibrate", help="Score known cases first (planted vs random "
+                                                                 "features, matching vs mismatched explanations); "
+                                                                 "judge scores count only if it passes.")
+    calibration_cases: int = setting(8, flag="judge-calibration-cases",
+                                     help="Calibration cases of each kind (per task: this many positives and "
+                                          "negatives).")
+    calibration_min_auc: float = setting(0.75, flag="judge-calibration-min-auc",
+                                         help="AUC both calibration tasks must reach for the judge to pass.")
+    calibration: dict[str, Any] | None = setting(None, cli=False, help="The calibration result (set by the run).")
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -76,17 +91,31 @@ class JudgeConfig:
             raise EvalError("judge retries must be >= 0 and max_new_tokens >= 1")
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
+        if self.calibration_cases < 2 or not 0.5 <= self.calibration_min_auc <= 1:
+            raise EvalError("--judge-calibration-cases must be >= 2 and --judge-calibration-min-auc in [0.5, 1]")
 
     @property
     def scores_meaningful(self) -> bool:
-        """False for the local embedded judge: its scores do not tell features apart (``NOT_MEANINGFUL``)."""
-        return not (self.backend == "local" and self.model == EMBEDDED_MODEL)
+        """Whether the judge passed its calibration (measured, never assumed from the backend or model)."""
+        return bool(self.calibration and self.calibration.get("passed"))
+
+    @property
+    def note(self) -> str | None:
+        """Why the scores are not meaningful (None when they are)."""
+        if self.scores_meaningful:
+            return None
+        if not self.calibration:
+            return NOT_CALIBRATED
+        return "not meaningful: " + str(self.calibration.get("line", "judge calibration failed"))
 
     def describe(self) -> dict:
         """JSON-safe summary for result files (no secrets: only the env var's name)."""
-        return {"scores_meaningful": self.scores_meaningful,
-                "note": None if self.scores_meaningful else NOT_MEANINGFUL,
+        cal = self.calibration
+        return {"scores_meaningful": self.scores_meaningful, "note": self.note,
+                "calibration": None if not cal else {k: cal.get(k) for k in ("passed", "line", "tasks", "min_auc",
+                                                                             "cases_per_kind", "file")},
                 "backend": self.backend, "model": self.model, "base_url": self.base_url,
                 "api_key_env": self.api_key_env, "max_new_tokens": self.max_new_tokens,
                 "retries": self.retries, "retry_temperature": self.retry_temperature,
-                "constrained": self.constrained if self.backend == "local" else None}
+                "constrained": self.constrained if self.backend == "local" else None,
+                "structured": self.structured if self.backend == "openai" else None}

@@ -48,7 +48,7 @@ class Prompt:
         user = self.user
         for key, value in values.items():
             user = user.replace("{" + key + "}", str(value))
-        leftover = re.findall(r"\{(feature|contexts|instruction|reply)\}", user)
+        leftover = re.findall(r"\{(feature|contexts|instruction|reply|explanation)\}", user)
         if leftover:
             raise KeyError(f"prompt {self.version}: no value given for {{{leftover[0]}}}")
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
@@ -102,6 +102,7 @@ class AnswerForm:
 VERDICT_FORM = AnswerForm("My final verdict score is: [[", tuple(str(s) for s in SCORES), "]], feature name is [[",
                           "]]", ("NAME", "S"))
 QUALITY_FORM = AnswerForm("Quality score: [[", tuple(str(s) for s in range(1, 11)), "]]")
+MATCH_FORM = AnswerForm("Match score: [[", tuple(str(s) for s in SCORES), "]]")
 
 
 # Names a judge copies from the prompt instead of naming the feature (the answer format's placeholders).
@@ -124,6 +125,7 @@ class Verdict:
 _VERDICT = re.compile(r"my final verdict score is:\s*\[\[\s*([^\[\]]*?)\s*\]\]\s*,?\s*"
                       r"feature name is:?\s*\[\[\s*([^\[\]]*?)\s*\]\]", re.I)
 _QUALITY = re.compile(r"quality score:\s*\[\[\s*([^\[\]]*?)\s*\]\]", re.I)
+_MATCH = re.compile(r"match score:\s*\[\[\s*([^\[\]]*?)\s*\]\]", re.I)
 
 
 def _snippet(reply: str, n: int = 120) -> str:
@@ -166,6 +168,12 @@ def parse_quality(reply: str) -> int:
     """The reply-quality verdict ``Quality score: [[S]]`` with S an integer 1-10 (same strictness)."""
     (raw,) = (_single([(m,) for m in _QUALITY.findall(reply)], "Quality score: [[S]]", reply))
     return _score(raw, 1, 10, reply)
+
+
+def parse_match(reply: str) -> int:
+    """The explanation-match verdict ``Match score: [[S]]`` with S an integer 1-5 (same strictness)."""
+    (raw,) = (_single([(m,) for m in _MATCH.findall(reply)], "Match score: [[S]]", reply))
+    return _score(raw, 1, 5, reply)
 
 
 # ---------------------------------------------------------------------------------------- cache

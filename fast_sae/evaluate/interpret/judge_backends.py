@@ -17,6 +17,7 @@ import copy
 import inspect
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -154,6 +155,18 @@ class LocalBackend:
         return reply + free + form.free_text_end
 
 
+def answer_regex(form: Any) -> str:
+    """The regular expression of an AnswerForm's replies: prefix, one choice, and the free-text field
+    (a letter first, no brackets or newline, at most 40 characters) when the form has one."""
+    def esc(literal: str) -> str:  # only the metacharacters: servers' regex engines differ on escaped spaces
+        return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\1", literal)
+
+    text = esc(form.prefix) + "(" + "|".join(esc(c) for c in form.choices) + ")" + esc(form.after_choice)
+    if form.free_text_end is not None:
+        text += r"[A-Za-z][^\[\]\n]{0,39}" + esc(form.free_text_end)
+    return text
+
+
 class OpenAIBackend:
     """Any server speaking the OpenAI chat-completions protocol (vLLM, llama.cpp, hosted APIs).
 
@@ -165,23 +178,32 @@ class OpenAIBackend:
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  max_new_tokens: int = 64, timeout_s: float = 120.0, retry_temperature: float = 0.7,
-                 max_reply_bytes: int = MAX_REPLY_BYTES) -> None:
+                 max_reply_bytes: int = MAX_REPLY_BYTES, structured: bool = False) -> None:
         root = base_url.rstrip("/")
         self.url = root + ("/chat/completions" if root.endswith("/v1") else "/v1/chat/completions")
         self.model = model
         self.api_key_env = api_key_env
         self.max_new_tokens, self.timeout_s, self.retry_temperature = max_new_tokens, timeout_s, retry_temperature
         self.max_reply_bytes = max_reply_bytes
+        self.structured = structured
         self.calls = 0
 
     def settings(self) -> dict:
         # not the URL: the same served model at another address gives the same answers
-        return {"max_new_tokens": self.max_new_tokens, "retry_temperature": self.retry_temperature}
+        return {"max_new_tokens": self.max_new_tokens, "retry_temperature": self.retry_temperature} | (
+            {"structured": True} if self.structured else {})
 
     def complete(self, messages: list[dict], attempt: int = 0, form: Any = None) -> str:
-        """One chat completion; ``form`` is ignored (remote judges are assumed to follow the format)."""
-        body = {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
-                "temperature": 0.0 if attempt == 0 else self.retry_temperature, "seed": attempt}
+        """One chat completion. With ``structured`` and the prompt's ``form``, the server is asked to
+        decode only replies matching the answer format (vLLM's ``structured_outputs`` regex extension;
+        hosted APIs reject the field, so it is off by default and the reply is parsed strictly either way)."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens,
+                                "temperature": 0.0 if attempt == 0 else self.retry_temperature, "seed": attempt}
+        if self.structured and form is not None:
+            body["structured_outputs"] = {"regex": answer_regex(form)}
+            # a constrained small model may spell the format's literal text one character a token
+            literal = len(form.prefix) + len(form.after_choice) + len(form.free_text_end or "") + 2
+            body["max_tokens"] = self.max_new_tokens + literal
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
@@ -215,4 +237,4 @@ def make_backend(cfg: JudgeConfig, *, model: Any = None, tokenizer: Any = None) 
                             constrained=cfg.constrained, model=model, tokenizer=tokenizer)
     return OpenAIBackend(cfg.base_url or "", cfg.model or "", api_key_env=cfg.api_key_env,
                          max_new_tokens=cfg.max_new_tokens, timeout_s=cfg.timeout_s,
-                         retry_temperature=cfg.retry_temperature)
+                         retry_temperature=cfg.retry_temperature, structured=cfg.structured)

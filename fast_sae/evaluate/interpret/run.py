@@ -15,7 +15,7 @@ import numpy as np
 from fast_sae.actcache import ActivationCache
 from fast_sae.saeio import LoadedSAE, load_sae
 
-from .config import NOT_MEANINGFUL, JudgeConfig
+from .config import JudgeConfig
 from .dashboard import write_dashboard
 from .judge import ReplyCache, load_prompt, score_bands, score_features
 from .judge_backends import make_backend
@@ -118,7 +118,7 @@ def run_interpretability(sae_dir: Path | LoadedSAE, cache_path: Path | Activatio
                            reports=reports, density=top.stats.density, judged=records,
                            summary={k: summary[k] for k in ("sae", "cache", "layer", "d_sae", "n_tokens", "n_live")}
                            | ({"top_range_share (4-5)": bands["top_range_share"]} if bands else {}),
-                           judge_note=None if judge is None or judge.scores_meaningful else NOT_MEANINGFUL,
+                           judge_note=None if judge is None else judge.note,
                            selection_rule=top.selection_rule())
     files["dashboard"] = str(dash)
     summary["seconds"] = round(time.time() - t0, 2)

@@ -9,6 +9,7 @@ import torch
 
 from fast_sae.actcache import Role
 from fast_sae.actcache.from_arrays import write_cache_from_arrays
+from fast_sae.lm import EMBEDDED_MODEL, load_tokenizer
 from fast_sae.saeio import save_sae
 
 D_MODEL, D_SAE = 16, 24
@@ -133,3 +134,33 @@ def chat_server():
     yield start
     for s in servers:
         s.close()
+
+
+SENTENCES = ["The cat sat on the mat near the window.", "Please write a poem about the sea and the moon.",
+             "Water boils at one hundred degrees.", "My garden has tomatoes, beans and a small apple tree.",
+             "Explain how a bicycle works in simple words.", "The train leaves the station at noon every day.",
+             "Music helps people relax after work.", "Paris is the capital city of France."]
+CHAT_PREFIX = "You are a helpful assistant."
+
+
+@pytest.fixture(scope="module")
+def chat_cache(tmp_path_factory):
+    """60 real-token conversations (embedded tokenizer): a shared system prefix, a user turn, an assistant turn."""
+    tok = load_tokenizer(EMBEDDED_MODEL)
+    rng = np.random.default_rng(0)
+    ids, roles, starts, docs = [], [], [0], []
+    prefix = tok(CHAT_PREFIX, add_special_tokens=False)["input_ids"]
+    for d in range(60):
+        seq = [(1, Role.SPECIAL)] + [(t, Role.DEFAULT_SYSTEM) for t in prefix]
+        for role in (Role.USER, Role.ASSISTANT):
+            text = " ".join(rng.choice(SENTENCES, size=2, replace=False))
+            seq += [(2, Role.SPECIAL)] + [(t, role) for t in tok(text, add_special_tokens=False)["input_ids"]]
+        ids += [t for t, _ in seq]
+        roles += [int(r) for _, r in seq]
+        docs += [d] * len(seq)
+        starts.append(len(ids))
+    acts = np.random.default_rng(1).standard_normal((len(ids), 8)).astype(np.float32)
+    path = write_cache_from_arrays(tmp_path_factory.mktemp("cal") / "cache", {1: acts}, seq_starts=starts,
+                                   token_ids=ids, roles=roles, doc_ids=docs, chunk_tokens=256, tokenizer=tok,
+                                   regime="fast", model_id=EMBEDDED_MODEL)
+    return path, acts
