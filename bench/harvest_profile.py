@@ -59,14 +59,13 @@ def instrument(engine: Any) -> None:
 
     class _Config:
         from_pretrained = staticmethod(timed("load config", cfg_cls.from_pretrained))
-    run_mod.AutoConfig = _Config
+    setattr(run_mod, "AutoConfig", _Config)  # noqa: B010
     run_mod.build_stream = timed("render + tokenise stream", run_mod.build_stream)
     cw = writer_mod.CacheWriter
-    cw.open = classmethod(timed("create cache (token stream)", cw.open.__func__))  # type: ignore[method-assign]
-    cw.write = timed("writer.write (copy into chunks)", cw.write)  # type: ignore[method-assign]
-    cw._commit = timed("[writer thread] commit chunk", cw._commit)  # type: ignore[method-assign]
-    cw.flush_wait = timed("wait for writer at end", cw.flush_wait)  # type: ignore[method-assign]
-    cw.finalize = timed("finalize (stats, index)", cw.finalize)  # type: ignore[method-assign]
+    setattr(cw, "open", classmethod(timed("create cache (token stream)", cw.__dict__["open"].__func__)))  # noqa: B010
+    for attr, label in (("write", "writer.write (copy into chunks)"), ("_commit", "[writer thread] commit chunk"),
+                        ("flush_wait", "wait for writer at end"), ("finalize", "finalize (stats, index)")):
+        setattr(cw, attr, timed(label, getattr(cw, attr)))
     writer_mod.chunk_partials = timed("[writer thread]   statistics partials", writer_mod.chunk_partials)
     writer_mod.encode_chunk = timed("[writer thread]   encode chunk", writer_mod.encode_chunk)
     writer_mod.checksum = timed("[writer thread]   checksum", writer_mod.checksum)
@@ -80,7 +79,7 @@ def instrument(engine: Any) -> None:
 
     def fs_hook(self: Any, layer: int) -> Any:
         return timed("  capture hooks (inside step)", orig_hook(self, layer))
-    vllm_capture.ResidualCapture._fs_hook = fs_hook  # type: ignore[method-assign]
+    setattr(vllm_capture.ResidualCapture, "_fs_hook", fs_hook)  # noqa: B010
 
 
 def main() -> None:
@@ -96,6 +95,7 @@ def main() -> None:
     from transformers import AutoConfig
 
     from fast_sae.harvest.engine import make_engine
+    from fast_sae.harvest.vllm_engine import VLLMEngine
     from fast_sae.lm import resolve
 
     layers = [int(x) for x in args.layers.split(",")]
@@ -107,6 +107,7 @@ def main() -> None:
     n = len(stream.ids)
     d_model, n_layers = model_info(AutoConfig.from_pretrained(resolve(args.model)))
     engine = make_engine(cfg, n_layers, d_model, tok.pad_token_id or 0)
+    assert isinstance(engine, VLLMEngine)
     segments = engine.plan(stream.seq_starts)
     instrument(engine)
     engine.set_capture(True)  # reinstall with the timed hooks
