@@ -119,6 +119,7 @@ class VLLMEngine:
     """Runs segments of whole sequences through vLLM and returns block outputs in stream order."""
 
     name = "vllm"
+    _buffers: dict[int, np.ndarray] | None = None  # row buffers reused from segment to segment
 
     def __init__(self, model_path: str, layers: list[int], n_layers: int, d_model: int, store_dtype: str,
                  model_dtype: str, max_len: int, batch_tokens: int, extra_args: dict[str, Any] | None = None,
@@ -190,7 +191,7 @@ class VLLMEngine:
         """The block outputs of ``batch`` as consecutive pieces ``(first token, layer -> rows)``, each
         handed out as soon as every token before its end has been captured (after each forward step),
         so the cache writer commits chunks while later steps run instead of all after the segment.
-        The rows are views into the segment's own buffer; pieces never overlap."""
+        The rows are views into a buffer the next segment reuses: copy them before asking for more."""
         return self._steps(batch, token_ids, capture=True)
 
     def _steps(self, batch: Batch, token_ids: np.ndarray,
@@ -211,7 +212,7 @@ class VLLMEngine:
                capture: bool) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
         engine = self.llm.llm_engine
         n = batch.n_tokens
-        out = {layer: np.empty((n, self.d_model), self.store_dtype) for layer in self.layers} if capture else {}
+        out = self._segment_buffers(n) if capture else {}
         seen = np.zeros(n, np.int32)
         given = 0  # tokens [0, given) of the segment were handed out, each captured exactly once
         while engine.has_unfinished_requests():
@@ -237,6 +238,15 @@ class VLLMEngine:
                                   f"times (expected once); is prefix caching on or the model runner unsupported?")
             if given < n:
                 yield batch.start + given, {layer: out[layer][given:] for layer in self.layers}
+
+    def _segment_buffers(self, n: int) -> dict[int, np.ndarray]:
+        """Row buffers of one segment, reused by the next: a segment's rows are hundreds of MB (fresh
+        memory of that size is mapped page by page on first write, a cost per token); each piece is
+        copied by the writer before the next segment starts."""
+        have = self._buffers
+        if have is None or len(next(iter(have.values()))) < n:
+            have = self._buffers = {layer: np.empty((n, self.d_model), self.store_dtype) for layer in self.layers}
+        return {layer: buf[:n] for layer, buf in have.items()}
 
     @staticmethod
     def _check_once(seen: np.ndarray, base: int) -> None:
@@ -275,6 +285,7 @@ class VLLMEngine:
             self.llm.collective_rpc("fast_sae_remove")
 
     def close(self) -> None:
+        self._buffers = None
         llm = getattr(self, "llm", None)
         if llm is None:
             return
