@@ -148,13 +148,14 @@ def bench_vllm(args: argparse.Namespace) -> None:
             engine.prefill(seg, stream.ids, capture=False)
 
     forward: dict[str, list[float]] = {"vllm": [], "hf": []}
+    trash: list[Path] = []
 
     def harvest(backend: str) -> None:
         out = Path(tempfile.mkdtemp()) / "c"
         summary = run_harvest(HarvestConfig(out=out, backend=backend, progress=False, **base), log=lambda *_: None,
                               engine=engine if backend == "vllm" else None)
         forward[backend].append(n / max(summary["forward_seconds"], 1e-9))
-        shutil.rmtree(out.parent)
+        trash.append(out.parent)  # deleted after the timed runs (deleting is no part of a harvest)
 
     engine.prefill(segments[0], stream.ids, capture=False)  # warm-up
     runs: dict[str, list[tuple[float, float]]] = {"bare": [], "vllm": [], "hf": []}
@@ -164,6 +165,8 @@ def bench_vllm(args: argparse.Namespace) -> None:
         engine.set_capture(True)
         runs["vllm"].append(timed(lambda: harvest("vllm")))
         runs["hf"].append(timed(lambda: harvest("hf")))
+    for folder in trash:
+        shutil.rmtree(folder)
     wall = {k: max(r[0] for r in v) for k, v in runs.items()}
     cpu = {k: max(r[1] for r in v) for k, v in runs.items()}
     every = {k: ", ".join(f"{r[0]:.0f}" for r in v) for k, v in runs.items()}

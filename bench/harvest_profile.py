@@ -116,10 +116,12 @@ def main() -> None:
         for seg in segments:
             engine.prefill(seg, stream.ids, capture=False)
 
+    trash: list[Path] = []
+
     def harvest() -> None:
         out = Path(tempfile.mkdtemp()) / "c"
         run_harvest(HarvestConfig(out=out, backend="vllm", **base), log=lambda *_: None, engine=engine)
-        shutil.rmtree(out.parent)
+        trash.append(out.parent)  # deleted at the end: deleting is no part of a harvest
 
     engine.set_capture(False)
     bare()  # warm-up
@@ -162,6 +164,8 @@ def main() -> None:
         pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(args.cprofile)
         print(s.getvalue())
     engine.close()
+    for folder in trash:
+        shutil.rmtree(folder)
 
 
 if __name__ == "__main__":
