@@ -6,7 +6,9 @@
 With --backend vllm (in the vLLM venv) it prints instead, on the same FAST tokens:
   vllm bare     vLLM prefill of the engine's segments with the capture hooks off (same engine, same
                 checkpoint truncated after the deepest layer, nothing kept),
-  vllm harvest  the whole run_harvest with that engine (capture, chunked zarr writes, statistics),
+  vllm harvest  the whole run_harvest with that engine (tokenizer loading, rendering, cache creation,
+                capture, chunked zarr writes, statistics); "forward" is its forward phase alone (the
+                rate the harvest summary reports: capture, writes, waiting for the last chunks),
   hf harvest    the transformers harvest of the same layers (forward stopped after the deepest),
 and the ratios vllm harvest / vllm bare (goal >= 0.9) and vllm harvest / hf harvest, each the best of
 --repeat interleaved runs (a shared machine's load changes hit all three alike). The engine's
@@ -24,6 +26,7 @@ and the ratios harvest/bare (goal >= 0.9), early/bare and harvest/naive.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -145,11 +148,15 @@ def bench_vllm(args: argparse.Namespace) -> None:
         for seg in segments:
             engine.prefill(seg, stream.ids, capture=False)
 
+    forward: dict[str, list[float]] = {"vllm": [], "hf": []}
+    trash: list[Path] = []
+
     def harvest(backend: str) -> None:
         out = Path(tempfile.mkdtemp()) / "c"
-        run_harvest(HarvestConfig(out=out, backend=backend, **base), log=lambda *_: None,
-                    engine=engine if backend == "vllm" else None, tokenizer=tok)
-        shutil.rmtree(out.parent)
+        summary = run_harvest(HarvestConfig(out=out, backend=backend, progress=False, **base), log=lambda *_: None,
+                              engine=engine if backend == "vllm" else None, tokenizer=tok)
+        forward[backend].append(n / max(summary["forward_seconds"], 1e-9))
+        trash.append(out.parent)  # deleted after the timed runs (deleting is no part of a harvest)
 
     engine.prefill(segments[0], stream.ids, capture=False)  # warm-up
     runs: dict[str, list[tuple[float, float]]] = {"bare": [], "vllm": [], "hf": []}
@@ -159,6 +166,8 @@ def bench_vllm(args: argparse.Namespace) -> None:
         engine.set_capture(True)
         runs["vllm"].append(timed(lambda: harvest("vllm")))
         runs["hf"].append(timed(lambda: harvest("hf")))
+    for folder in trash:
+        shutil.rmtree(folder)
     wall = {k: max(r[0] for r in v) for k, v in runs.items()}
     cpu = {k: max(r[1] for r in v) for k, v in runs.items()}
     every = {k: ", ".join(f"{r[0]:.0f}" for r in v) for k, v in runs.items()}
@@ -170,8 +179,14 @@ def bench_vllm(args: argparse.Namespace) -> None:
     print("                       tok/s (wall)  tok/CPU-s   wall runs")
     for key, label in (("bare", "vllm bare prefill"), ("vllm", "vllm harvest"), ("hf", "hf harvest")):
         print(f"{label:<22} {wall[key]:11.0f} {cpu[key]:10.0f}   {every[key]}")
+    fwd = max(forward["vllm"])
+    print(f"{'vllm harvest, forward':<22} {fwd:11.0f} {'':>10}   {', '.join(f'{r:.0f}' for r in forward['vllm'])}")
     print(f"vllm harvest / vllm bare = {wall['vllm'] / wall['bare']:.2f} wall, {cpu['vllm'] / cpu['bare']:.2f} CPU"
           f"  (goal >= 0.9)")
+    print(f"vllm harvest forward phase / vllm bare = {fwd / wall['bare']:.2f} wall (the rate the harvest summary "
+          f"reports: capture, writes and the writer's last chunks, without tokenizer loading, rendering and "
+          f"cache creation)")
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())} (1, 5, 15 min)")
     print(f"vllm harvest / hf harvest = {wall['vllm'] / wall['hf']:.2f} wall, {cpu['vllm'] / cpu['hf']:.2f} CPU")
     engine.close()
 

@@ -206,8 +206,15 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
             try:
                 with tqdm(total=tokens_todo, unit="tok", unit_scale=True, desc=f"harvest {me}".strip(),
                           dynamic_ncols=True, disable=not cfg.progress) as bar:
+                    # an engine that hands out rows as its forward steps finish (vLLM) lets the writer commit
+                    # chunks during the segment, not all after it
+                    pieces = getattr(engine, "run_pieces", None)
                     for batch in batches:
-                        writer.write(batch.start, engine.run(batch, stream.ids))
+                        if pieces is None:
+                            writer.write(batch.start, engine.run(batch, stream.ids))
+                        else:
+                            for start, acts in pieces(batch, stream.ids):
+                                writer.write(start, acts)
                         computed += batch.n_tokens
                         bar.update(batch.n_tokens)
                     writer.flush_wait()

@@ -28,6 +28,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -118,6 +119,7 @@ class VLLMEngine:
     """Runs segments of whole sequences through vLLM and returns block outputs in stream order."""
 
     name = "vllm"
+    _buffers: dict[int, np.ndarray] | None = None  # row buffers reused from segment to segment
 
     def __init__(self, model_path: str, layers: list[int], n_layers: int, d_model: int, store_dtype: str,
                  model_dtype: str, max_len: int, batch_tokens: int, extra_args: dict[str, Any] | None = None,
@@ -172,30 +174,87 @@ class VLLMEngine:
 
     def prefill(self, batch: Batch, token_ids: np.ndarray, capture: bool = True) -> dict[int, np.ndarray]:
         """Prefill every sequence of ``batch``; with ``capture`` return the block outputs, in stream order."""
+        if not capture:
+            for _ in self._steps(batch, token_ids, capture=False):
+                pass
+            return {}
+        out = {layer: np.empty((batch.n_tokens, self.d_model), self.store_dtype) for layer in self.layers}
+        for start, acts in self._steps(batch, token_ids, capture=True):
+            for layer in self.layers:
+                out[layer][start - batch.start:start - batch.start + len(acts[layer])] = acts[layer]
+        return out
+
+    def run(self, batch: Batch, token_ids: np.ndarray) -> dict[int, np.ndarray]:
+        return self.prefill(batch, token_ids, capture=True)
+
+    def run_pieces(self, batch: Batch, token_ids: np.ndarray) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        """The block outputs of ``batch`` as consecutive pieces ``(first token, layer -> rows)``, each
+        handed out as soon as every token before its end has been captured (after each forward step),
+        so the cache writer commits chunks while later steps run instead of all after the segment.
+        The rows are views into a buffer the next segment reuses: copy them before asking for more."""
+        return self._steps(batch, token_ids, capture=True)
+
+    def _steps(self, batch: Batch, token_ids: np.ndarray,
+               capture: bool) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
         engine = self.llm.llm_engine
         owner: dict[str, tuple[int, int]] = {}
         for row in batch.rows:
             for s, e in row:
                 owner[engine.add_request(str(s), self._prompt(token_ids[s:e]), self._params)] = (s, e)
+        try:
+            yield from self._drain(batch, owner, capture)
+        except GeneratorExit:  # the consumer stopped (an error downstream): leave the engine idle
+            engine.abort_request(list(owner))
+            self._take()
+            raise
+
+    def _drain(self, batch: Batch, owner: dict[str, tuple[int, int]],
+               capture: bool) -> Iterator[tuple[int, dict[int, np.ndarray]]]:
+        engine = self.llm.llm_engine
         n = batch.n_tokens
-        out = {layer: np.empty((n, self.d_model), self.store_dtype) for layer in self.layers} if capture else {}
+        out = self._segment_buffers(n) if capture else {}
         seen = np.zeros(n, np.int32)
+        given = 0  # tokens [0, given) of the segment were handed out, each captured exactly once
         while engine.has_unfinished_requests():
             engine.step()
             for record in self._take():
                 if capture:
                     self._place(record, owner, batch.start, out, seen)
+            if capture:
+                self._check_once(seen, batch.start)
+                holes = np.flatnonzero(seen[given:] == 0)
+                ready = given + int(holes[0]) if len(holes) else n
+                if ready > given:
+                    yield batch.start + given, {layer: out[layer][given:ready] for layer in self.layers}
+                    given = ready
         for record in self._take():
             if capture:
                 self._place(record, owner, batch.start, out, seen)
-        if capture and not (seen == 1).all():
-            bad = int(np.flatnonzero(seen != 1)[0])
-            raise EngineError(f"vLLM capture: token {batch.start + bad} of the stream was captured {seen[bad]} "
-                              f"times (expected once); is prefix caching on or the model runner unsupported?")
-        return out
+        if capture:
+            self._check_once(seen, batch.start)
+            if not (seen == 1).all():
+                bad = int(np.flatnonzero(seen != 1)[0])
+                raise EngineError(f"vLLM capture: token {batch.start + bad} of the stream was captured {seen[bad]} "
+                                  f"times (expected once); is prefix caching on or the model runner unsupported?")
+            if given < n:
+                yield batch.start + given, {layer: out[layer][given:] for layer in self.layers}
 
-    def run(self, batch: Batch, token_ids: np.ndarray) -> dict[int, np.ndarray]:
-        return self.prefill(batch, token_ids, capture=True)
+    def _segment_buffers(self, n: int) -> dict[int, np.ndarray]:
+        """Row buffers of one segment, reused by the next: a segment's rows are hundreds of MB (fresh
+        memory of that size is mapped page by page on first write, a cost per token); each piece is
+        copied by the writer before the next segment starts."""
+        have = self._buffers
+        if have is None or len(next(iter(have.values()))) < n:
+            have = self._buffers = {layer: np.empty((n, self.d_model), self.store_dtype) for layer in self.layers}
+        return {layer: buf[:n] for layer, buf in have.items()}
+
+    @staticmethod
+    def _check_once(seen: np.ndarray, base: int) -> None:
+        """Stop as soon as a token is captured twice (a piece already handed out is never overwritten)."""
+        if seen.max(initial=0) > 1:
+            bad = int(np.flatnonzero(seen > 1)[0])
+            raise EngineError(f"vLLM capture: token {base + bad} of the stream was captured {seen[bad]} times "
+                              f"(expected once); is prefix caching on or the model runner unsupported?")
 
     def _take(self) -> list[dict[str, Any]]:
         return self.llm.collective_rpc("fast_sae_take")[0]
@@ -226,6 +285,7 @@ class VLLMEngine:
             self.llm.collective_rpc("fast_sae_remove")
 
     def close(self) -> None:
+        self._buffers = None
         llm = getattr(self, "llm", None)
         if llm is None:
             return
