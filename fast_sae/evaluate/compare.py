@@ -21,6 +21,8 @@ from .frontier import FILTERS, matched, plot_curves, plot_frontiers, regime_orde
 from .plots import metric_by_regime
 from .probe_tables import compare_lines, matched_probes
 from .report import _get, _json_safe, fmt, judge_meaningful, read_report
+from .saebench.tables import compare_lines as saebench_lines
+from .saebench.tables import matched_saebench
 
 # the per-SAE table of a group: (label, dotted path, format)
 SAE_COLUMNS: list[tuple[str, str, str]] = [
@@ -112,7 +114,8 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"key": list(key), "title": f"{model} · layer {layer} · {arch} · d_sae {d_sae} · eval on {ev} "
                                                f"(`{ev_cache}`)",
                     "regimes": {reg: [r["name"] for r in rs] for reg, rs in by_regime.items()},
-                    "matched": matched(by_regime), "probes": matched_probes(by_regime), "saes": saes,
+                    "matched": matched(by_regime), "probes": matched_probes(by_regime),
+                    "saebench": matched_saebench(by_regime), "saes": saes,
                     "notes": _notes(by_regime),
                     "judge": None if not judged else {"meaningful": judge_meaningful(judged),
                                                       "note": next((_get(r, "interpretability.judge.note")
@@ -183,6 +186,7 @@ def render_markdown(groups: list[dict[str, Any]]) -> str:
         parts += [f"- {summary_line(m)}" for m in g["matched"] if m["metric"] == "log2 MSE_st" or
                   m["filter"] == FILTERS[0][0]] + [""]
         parts += compare_lines(g)
+        parts += saebench_lines(g)
         parts += ["### Every SAE", ""] + _sae_table(g) + [""]
         if g.get("plots"):
             parts += [f"![{k}]({Path(v).name})" for k, v in g["plots"].items()] + [""]

@@ -227,6 +227,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     from .probe_tables import report_lines  # imported here: probe_tables builds on this module's helpers
 
     parts += report_lines(rows)
+    from .saebench.tables import report_lines as saebench_lines
+
+    parts += saebench_lines(rows, report.get("saebench"))
     parts += _interpretability_section(rows)
     iv = [r for r in rows if r.get("intervention")]
     if iv:

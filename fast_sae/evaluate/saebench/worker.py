@@ -223,9 +223,9 @@ def run(req: dict[str, Any]) -> dict[str, Any]:
                 record["saes"][item["name"]] = {"file": str(f)} if f.is_file() else {"file": None}
             record["seconds"] = round(time.time() - t0, 1)
             result["evals"][ev] = record
+            result["cut_forwards"] = len(cut)
+            (work / RESULT_FILE).write_text(json.dumps(result, indent=1))  # after each eval: a timeout keeps it
             print(f"saebench worker: {ev} done in {record['seconds']} s", flush=True)
-        result["cut_forwards"] = len(cut)
-    (work / RESULT_FILE).write_text(json.dumps(result, indent=1))
     return result
 
 
