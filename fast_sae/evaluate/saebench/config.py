@@ -52,6 +52,9 @@ class SAEBenchConfig:
                                          "stratified by first letter; 0: all, ~47k words here, hours on a CPU).")
     min_letters: int = setting(20, help="absorption: letters whose residual probe must reach F1 > 0.6 before "
                                         "absorption is scored (SAEBench's min_feats_for_eval, 20 of 26).")
+    max_k: int = setting(10, help="absorption: largest k of its k-sparse probes (SAEBench's max_k_value).")
+    probe_epochs: int = setting(50, help="absorption: epochs of each k-sparse probe (SAEBench's "
+                                         "k_sparse_probe_num_epochs).")
     seed: int = setting(42, help="Seed of the vocabulary sample and of SAEBench's own splits.")
     llm_batch_size: int = setting(64, help="Prompts per model forward.")
     core_context: int = setting(128, help="core: tokens per row (SAEBench's context_size).")
@@ -72,9 +75,9 @@ class SAEBenchConfig:
 
     def check(self) -> None:
         """One-line errors for values that cannot work."""
-        if self.vocab_size < 0 or self.min_letters < 1 or self.llm_batch_size < 1:
-            raise EvalError("--saebench-vocab-size must be >= 0, --saebench-min-letters and "
-                            "--saebench-llm-batch-size >= 1")
+        if self.vocab_size < 0 or min(self.min_letters, self.llm_batch_size, self.max_k, self.probe_epochs) < 1:
+            raise EvalError("--saebench-vocab-size must be >= 0, --saebench-min-letters, -llm-batch-size, -max-k and "
+                            "-probe-epochs >= 1")
         if self.core_context < 2 or self.core_batches < 1 or self.core_batch_prompts < 1:
             raise EvalError("--saebench-core-context must be >= 2, --saebench-core-batches and "
                             "--saebench-core-batch-prompts >= 1")

@@ -76,7 +76,8 @@ def run_saebench(cfg: SAEBenchConfig, entries: list[SAEEntry], cache: Activation
                                     for i, e in enumerate(entries)]}
     if "absorption" in cfg.evals:
         req["absorption"] = {"vocab_size": cfg.vocab_size, "seed": cfg.seed, "llm_batch_size": cfg.llm_batch_size,
-                             "min_letters": cfg.min_letters, "k_sparse_probe_epochs": 50}
+                             "min_letters": cfg.min_letters, "k_sparse_probe_epochs": cfg.probe_epochs,
+                             "max_k": cfg.max_k}
         settings["absorption"] = dict(req["absorption"])
     if "core" in cfg.evals:
         rows = cfg.core_batches * cfg.core_batch_prompts

@@ -37,8 +37,10 @@ def settings_lines(settings: dict[str, Any] | None) -> list[str]:
     a = settings.get("absorption")
     if a:
         lines.append(f"- absorption: {a['vocab_size'] or 'all'} words of SAEBench's alphabetic vocabulary (seeded "
-                     f"{a['seed']}, stratified by first letter, ≥ 10 per letter), 80/20 probe split; scored when "
-                     f"≥ {a['min_letters']} letters' residual probes reach F1 > 0.6")
+                     f"{a['seed']}, stratified by first letter, ≥ 5 per letter), 80/20 probe split; k-sparse probes "
+                     f"k ≤ "
+                     f"{a.get('max_k')}, {a.get('k_sparse_probe_epochs')} epochs; scored when ≥ {a['min_letters']} "
+                     f"letters' residual probes reach F1 > 0.6")
     c = settings.get("core")
     if c:
         d = c.get("data") or {}

@@ -101,7 +101,7 @@ def _one_model_per_name() -> Iterator[None]:
         HookedTransformer.from_pretrained_no_processing = original  # type: ignore[method-assign]
 
 
-def vocab_sample(words: list[str], size: int, seed: int, min_per_letter: int = 10) -> list[str]:
+def vocab_sample(words: list[str], size: int, seed: int, min_per_letter: int = 5) -> list[str]:
     """A seeded sample of about ``size`` of SAEBench's alphabetic words (0: all), stratified by first letter:
     each letter keeps its share, but at least ``min_per_letter`` words (or all it has). Why stratified:
     SAEBench trains one probe per letter on 80 % of the sample; a letter absent from it leaves a class
@@ -140,7 +140,7 @@ def _absorption(req: dict[str, Any], saes: list[tuple[str, Any]], out: Path, wor
     probes = artifacts / "probes"
     cfg = AbsorptionEvalConfig(model_name=req["model_name"], random_seed=s["seed"], llm_batch_size=s["llm_batch_size"],
                                llm_dtype="float32", min_feats_for_eval=s["min_letters"],
-                               k_sparse_probe_num_epochs=s["k_sparse_probe_epochs"],
+                               k_sparse_probe_num_epochs=s["k_sparse_probe_epochs"], max_k_value=s["max_k"],
                                precalc_k_sparse_probe_sae_acts=True)
     sampled = _sampled(common.get_alpha_tokens, s["vocab_size"], s["seed"])
     k_sparse = partial(absorption.run_k_sparse_probing_experiment, probes_dir=probes,
