@@ -38,8 +38,7 @@ def settings_lines(settings: dict[str, Any] | None) -> list[str]:
     if a:
         lines.append(f"- absorption: {a['vocab_size'] or 'all'} words of SAEBench's alphabetic vocabulary (seeded "
                      f"{a['seed']}, stratified by first letter, ≥ 5 per letter), 80/20 probe split; k-sparse probes "
-                     f"k ≤ "
-                     f"{a.get('max_k')}, {a.get('k_sparse_probe_epochs')} epochs; scored when ≥ {a['min_letters']} "
+                     f"k ≤ {a.get('max_k')}, {a.get('k_sparse_probe_epochs')} epochs; scored when ≥ {a['min_letters']} "
                      f"letters' residual probes reach F1 > 0.6")
     c = settings.get("core")
     if c:
