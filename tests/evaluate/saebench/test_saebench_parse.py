@@ -38,6 +38,7 @@ def test_option_parses_names_and_refuses_unknown_ones() -> None:
         SAEBenchConfig(evals=["absorption"], venv=Path("/nonexistent/venv")).venv_python()
 
 
+@pytest.mark.slow  # the CLI in a subprocess
 def test_cli_refuses_a_missing_venv_before_any_long_pass(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     cache = make_cache(tmp_path / "cache", {3: rng.normal(size=(40, 16)).astype(np.float32)}, [20, 20])
