@@ -35,7 +35,7 @@ try:
     HookedTransformer.from_pretrained_no_processing(folder, device="cpu")
     refused = None
 except ValueError as exc:
-    refused = str(exc)[:60]
+    refused = str(exc).split(". Valid")[0][-40:]
 with local_folders():
     tl = HookedTransformer.from_pretrained_no_processing(folder, device="cpu", dtype=torch.float32)
 hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
