@@ -33,9 +33,13 @@ def _evals(text: str) -> list[str]:
 
 
 def default_venv() -> Path:
-    """The venv setup_saebench.sh makes: $FAST_SAE_SAEBENCH_VENV, else .venv-saebench in the checkout."""
+    """The venv setup_saebench.sh makes: $FAST_SAE_SAEBENCH_VENV, else .venv-saebench in the checkout (in the
+    working folder when the package is installed, not run from a checkout)."""
     env = os.environ.get(VENV_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[3] / ".venv-saebench"
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[3]
+    return (root if (root / "setup_saebench.sh").is_file() else Path.cwd()) / ".venv-saebench"
 
 
 @dataclass

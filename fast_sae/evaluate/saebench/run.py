@@ -24,7 +24,7 @@ from ..sources import EvalSelection, SAEEntry
 from .config import SAEBenchConfig
 from .results import summarise
 
-ROOT = Path(__file__).resolve().parents[3]  # the checkout: the worker runs from it (PYTHONPATH)
+PACKAGE = Path(__file__).resolve().parents[2]  # fast_sae/: the worker imports it through a link (_package_path)
 REQUEST = "request.json"
 LOG = "worker.log"
 
@@ -92,7 +92,7 @@ def run_saebench(cfg: SAEBenchConfig, entries: list[SAEEntry], cache: Activation
     log(f"SAEBench ({', '.join(cfg.evals)}) on {len(entries)} SAE(s) in {py.parent.parent}; log: {work / LOG}")
     t0 = time.time()
     warnings: list[str] = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    env = {**os.environ, "PYTHONPATH": _package_path(work), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
            "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
     with open(work / LOG, "w") as logf:
         try:
@@ -107,6 +107,18 @@ def run_saebench(cfg: SAEBenchConfig, entries: list[SAEEntry], cache: Activation
     settings["seconds"] = round(time.time() - t0, 1)
     per_sae, more = summarise(work, entries, cfg.evals)
     return {"settings": settings, "per_sae": per_sae, "warnings": warnings + more}
+
+
+def _package_path(work: Path) -> str:
+    """A folder holding only a link to this fast_sae package, for the worker's PYTHONPATH: the package's own
+    parent may be the main environment's site-packages, whose numpy/datasets must not shadow the venv's."""
+    folder = work / "pythonpath"
+    folder.mkdir(exist_ok=True)
+    link = folder / "fast_sae"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(PACKAGE, target_is_directory=True)
+    return str(folder)
 
 
 def _threads() -> int:

@@ -1,8 +1,9 @@
 """The SAEBench worker: runs SAEBench's own evaluations on this project's checkpoints, inside .venv-saebench.
 
 Started by ``saebench.run`` as ``.venv-saebench/bin/python -m fast_sae.evaluate.saebench.worker REQUEST``
-with the checkout on PYTHONPATH; it imports sae_bench, sae_lens, transformer_lens and torch, and of
-fast_sae only this subpackage's ``tl_model`` (the main environment's packages are not installed here).
+with PYTHONPATH holding only a link to the fast_sae package; it imports sae_bench, sae_lens,
+transformer_lens and torch, and of fast_sae only this subpackage's ``tl_model`` (the main
+environment's packages are not installed here).
 
 What it changes in SAEBench's runs, at run time in this process only (no installed file is edited),
 and why (docs/metrics.md, "SAEBench"):
