@@ -61,9 +61,11 @@ def report_lines(rows: Sequence[dict[str, Any]], settings: dict[str, Any] | None
     base = [("SAE", "name", "s"), ("eval on", "eval_regime", "s"), ("L0 ★", L0_PATH, ".1f")]
     if any(_get(r, "saebench.absorption") for r in done):
         parts += ["### absorption (first letter)", "", "Lower is better. letters: those whose residual probe passed "
-                  "(F1 > 0.6); absorption figures are means over them.", "",
+                  "(F1 > 0.6); absorption figures are means over them (sd: across letters); words: the test words "
+                  "the probe got right, which the per-letter rates rest on.", "",
                   markdown_table(done, base + [
                       ("letters", "saebench.absorption.n_letters", "d"),
+                      ("words", "saebench.absorption.probe_true_positives", "d"),
                       ("mean absorption", "saebench.absorption.mean_absorption_fraction", ".4f"),
                       ("sd", "saebench.absorption.sd_absorption_fraction", ".4f"),
                       ("full absorption", "saebench.absorption.mean_full_absorption", ".4f"),
