@@ -160,9 +160,25 @@ def _absorption(req: dict[str, Any], saes: list[tuple[str, Any]], out: Path, wor
 
 
 def _core(req: dict[str, Any], saes: list[tuple[str, Any]], out: Path, device: str) -> None:
+    """SAEBench's core eval on a local pretokenized folder. SAELens checks a pretokenized dataset's tokenizer
+    by downloading its sae_lens.json from the hub, treating the path as a repo id (a local path fails there);
+    the rows were written from a cache of this very model (evaluate checks the model id), so for a local
+    folder that check is skipped; any other dataset goes through it."""
     import sae_bench.evals.core.main as core
+    import sae_lens.training.activations_store as store
+
+    original = store.validate_pretokenized_dataset_tokenizer
+
+    def validate(dataset_path: str, model_tokenizer: Any) -> None:
+        if not Path(dataset_path).is_dir():
+            original(dataset_path, model_tokenizer)
 
     s = req["core"]
+    with _patched(store, "validate_pretokenized_dataset_tokenizer", validate):
+        _run_core(core, s, saes, out, device)
+
+
+def _run_core(core: Any, s: dict[str, Any], saes: list[tuple[str, Any]], out: Path, device: str) -> None:
     core.multiple_evals(saes, n_eval_reconstruction_batches=s["n_batches"],
                         n_eval_sparsity_variance_batches=s["n_batches"], eval_batch_size_prompts=s["batch_prompts"],
                         compute_featurewise_density_statistics=True, compute_featurewise_weight_based_metrics=True,
