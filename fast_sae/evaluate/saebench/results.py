@@ -100,7 +100,8 @@ def summarise(work: Path, entries: list[SAEEntry], evals: list[str],
             doc = _read(f)
             facts = (status.get("saes") or {}).get(e.name) or {}
             if doc is None:
-                why = (rec or {}).get("error") or "no result file (SAEBench logged why in worker.log)"
+                why = ("not run: the worker stopped before it" if rec is None else
+                       rec.get("error") or "no result file (SAEBench logged why in worker.log)")
                 if ev == "absorption":
                     f1 = _probe_f1(work, release)
                     if f1 is not None:

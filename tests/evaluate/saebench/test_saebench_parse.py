@@ -93,7 +93,7 @@ def test_absorption_output_reduced_into_rows_and_report(tmp_path: Path) -> None:
     assert got["letters"] == ["a", "j", "w", "x", "y", "z"] and got["n_letters"] == 6
     # the SAE without a result file: why, from the probe artifact (6 letters have F1 > 0.6 in it)
     assert per_sae["too-few"]["absorption"]["error"].startswith("6 of 26 letters passed the probe check")
-    assert per_sae["ok"]["core"]["error"].startswith("no result file")
+    assert per_sae["ok"]["core"]["error"] == "not run: the worker stopped before it"
     assert any("core: the worker did not finish it" in w for w in warnings)
     rows = [{"name": n, "eval_regime": "fast", "saebench": per_sae[n],
              "reconstruction": {"subsets_no_prefix": {"all": {"l0": 8.0}}}} for n in per_sae]
