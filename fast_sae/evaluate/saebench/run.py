@@ -44,19 +44,24 @@ def model_source(model_id: str) -> tuple[str, str]:
 def write_core_rows(cache: ActivationCache, held_out: EvalSelection, folder: Path, context: int,
                     n_rows: int) -> dict[str, Any]:
     """The eval cache's held-out token ids as SAEBench core's dataset: rows of ``context`` tokens cut from the
-    held-out sequences joined in stream order (SAEBench packs its openwebtext the same way), as a local
-    JSON-lines dataset with an ``input_ids`` column (SAELens reads it as pretokenized)."""
+    held-out sequences joined in stream order, each starting with the model's BOS (as SAEBench packs its
+    openwebtext: the row's first position, an attention sink, is then a BOS, which SAEBench leaves out of
+    its metrics; a cut-off token there would be a sink it scores), as a local JSON-lines dataset with an
+    ``input_ids`` column (SAELens reads it as pretokenized)."""
     ids = cache.token_ids()
     stream = np.concatenate([ids[a:b] for a, b in held_out.token_runs()]) if len(held_out.sequences) else ids[:0]
-    n = min(n_rows, len(stream) // context)
+    bos = cache.meta.bos_token_id
+    head = [] if bos is None else [int(bos)]
+    body = context - len(head)
+    n = min(n_rows, len(stream) // body)
     if n < 1:
         raise EvalError(f"{cache.path}: {len(stream)} held-out tokens, fewer than one SAEBench core row of {context} "
                         f"(--saebench-core-context)")
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "rows.jsonl", "w") as f:
         for i in range(n):
-            f.write(json.dumps({"input_ids": stream[i * context:(i + 1) * context].tolist()}) + "\n")
-    return {"rows": n, "context": context, "tokens": n * context, "held_out_tokens": int(len(stream)),
+            f.write(json.dumps({"input_ids": head + stream[i * body:(i + 1) * body].tolist()}) + "\n")
+    return {"rows": n, "context": context, "tokens": n * context, "bos_first": bos, "held_out_tokens": int(len(stream)),
             "source": str(cache.path)}
 
 
