@@ -43,16 +43,25 @@ JUDGE_PATH = "interpretability.scores.top_range_share"
 
 
 def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
-    """Rows of every report (an eval folder or a report.json), de-duplicated by (SAE path, eval cache)."""
+    """Rows of every report (an eval folder or a report.json), de-duplicated by (SAE path, eval cache); the
+    SAEBench results of a duplicate join the first row (each eval from the first report that has a result for
+    it), so SAEBench evaluations run in separate `evaluate` calls compare together."""
     if not paths:
         raise EvalError("compare: give at least one evaluation folder (written by `pipeline.py evaluate --out`)")
-    rows, seen = [], set()
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, dict[str, Any]] = {}
     for p in paths:
         for r in read_report(Path(p))["rows"]:
             key = (r.get("path"), r.get("eval_cache"))
             if key not in seen:
-                seen.add(key)
+                seen[key] = r
                 rows.append(r)
+            elif r.get("saebench"):
+                kept = seen[key].get("saebench") or {}
+                for ev, res in r["saebench"].items():
+                    if ev not in kept or ("error" in kept[ev] and "error" not in res):
+                        kept[ev] = res
+                seen[key]["saebench"] = kept
     return rows
 
 

@@ -120,3 +120,20 @@ def test_compare_matches_regimes_at_equal_l0() -> None:
     assert m["best"][-1] == "bt-p"
     md = "\n".join(compare_lines({"regimes": {"fast": [], "bt-p": []}, "saebench": table}))
     assert "### SAEBench at matched L0" in md and "| absorption (mean fraction) | 16.0" in md
+
+
+def test_compare_joins_saebench_results_of_separate_evaluations(tmp_path: Path) -> None:
+    from fast_sae.evaluate.compare import load_rows
+    from fast_sae.evaluate.report import new_report, write_report
+
+    def report(folder: str, saebench: dict) -> Path:
+        rep = new_report(["x"], {})
+        rep["rows"] = [{"name": "s", "path": "/sae", "eval_cache": "/c", "saebench": saebench}]
+        write_report(rep, tmp_path / folder)
+        return tmp_path / folder
+
+    first = report("a", {"absorption": {"mean_absorption_fraction": 0.3}, "core": {"error": "not run"}})
+    second = report("b", {"core": {"ce_loss_score": 0.9}, "absorption": {"mean_absorption_fraction": 0.5}})
+    rows = load_rows([first, second])
+    assert len(rows) == 1  # one SAE on one eval cache
+    assert rows[0]["saebench"] == {"absorption": {"mean_absorption_fraction": 0.3}, "core": {"ce_loss_score": 0.9}}
