@@ -52,6 +52,7 @@ def absorption_summary(doc: dict[str, Any], probe_f1: dict[str, float] | None = 
            "mean_full_absorption": mean.get("mean_full_absorption_score"),
            "mean_num_split_features": mean.get("mean_num_split_features"),
            "sd_absorption_fraction": mean.get("std_dev_absorption_fraction_score"),
+           "sd_full_absorption": mean.get("std_dev_full_absorption_score"),
            "letters": [d.get("first_letter") for d in details], "n_letters": len(details),
            "probe_true_positives": sum(int(d.get("num_probe_true_positives") or 0) for d in details)}
     if probe_f1 is not None:

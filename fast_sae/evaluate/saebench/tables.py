@@ -91,8 +91,23 @@ def report_lines(rows: Sequence[dict[str, Any]], settings: dict[str, Any] | None
     return parts
 
 
+# the across-letter sd of each absorption figure: its standard error is sd / sqrt(letters)
+_SD = {"saebench.absorption.mean_absorption_fraction": "saebench.absorption.sd_absorption_fraction",
+       "saebench.absorption.mean_full_absorption": "saebench.absorption.sd_full_absorption"}
+
+
+def _se(rows: list[dict[str, Any]], path: str) -> float | None:
+    """The largest standard error of the metric over the rows, where SAEBench's output gives one (absorption:
+    the sd over letters / sqrt(letters)); None elsewhere (core, sae-probes report no spread)."""
+    sd_path = _SD.get(path)
+    vals = [sd / n ** 0.5 for r in rows if sd_path and isinstance(sd := _get(r, sd_path), (int, float))
+            and isinstance(n := _get(r, "saebench.absorption.n_letters"), int) and n > 1]
+    return max(vals) if vals else None
+
+
 def matched_saebench(by_regime: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per SAEBench metric: the regimes' values at common L0 values (★ reconstruction L0 of each row)."""
+    """Per SAEBench metric: the regimes' values at common L0 values (★ reconstruction L0 of each row), and the
+    regime ahead by more than the metric's standard error where one is known (else no verdict: ``best`` None)."""
     out = []
     for label, path, higher in MATCHED:
         points: dict[str, list[tuple[float, float]]] = {}
@@ -104,7 +119,11 @@ def matched_saebench(by_regime: dict[str, list[dict[str, Any]]]) -> list[dict[st
                     pts.setdefault(float(l0), []).append(float(v))
             points[regime] = [(x, sum(v) / len(v)) for x, v in sorted(pts.items())]
         if any(points.values()):
-            out.append({"metric": label, "path": path, "higher_is_better": higher} | match_at_l0(points, higher))
+            se = _se([r for rs in by_regime.values() for r in rs], path)
+            m = match_at_l0(points, higher, margin=se or 0.0)
+            if se is None:
+                m["best"] = [None] * len(m["l0"])
+            out.append({"metric": label, "path": path, "higher_is_better": higher, "se": se} | m)
     return out
 
 
@@ -115,15 +134,19 @@ def compare_lines(group: dict[str, Any]) -> list[str]:
     regimes = list(group["regimes"])
     lines = ["### SAEBench at matched L0", "", "SAEBench's metrics (the real library; settings in each report.md) "
              "interpolated at common L0 values (★ reconstruction L0 on the eval cache; listed left to right; – outside "
-             "a regime's own range); best: the better regime at each L0. " + CAVEAT, "",
-             "| metric | L0 | " + " | ".join(regimes) + " | best |", "|---|---|" + "---|" * len(regimes) + "---|"]
+             "a regime's own range); ahead: the better regime at each L0 by more than SE, the metric's standard "
+             "error (absorption: sd over letters / √letters); no SE known (core, sae-probes: SAEBench reports no "
+             "spread): no verdict. " + CAVEAT, "",
+             "| metric | L0 | " + " | ".join(regimes) + " | ahead by > SE | SE |",
+             "|---|---|" + "---|" * len(regimes) + "---|---|"]
     for m in table:
         if not m["l0"]:
             ranges = "; ".join(f"{r} {a:.1f}–{b:.1f}" for r, (a, b) in m["ranges"].items()) or "no points"
-            lines.append(f"| {m['metric']} | no common L0 range ({ranges}) |" + " |" * len(regimes) + " |")
+            lines.append(f"| {m['metric']} | no common L0 range ({ranges}) |" + " |" * len(regimes) + " | |")
             continue
         cells = [" · ".join(fmt(v, ".4f") for v in m["values"].get(r, [None] * len(m["l0"]))) for r in regimes]
-        best = " · ".join(b or "tie" for b in m["best"])
+        se = m.get("se")
+        best = "no SE: no verdict" if se is None else " · ".join(b or "none" for b in m["best"])
         lines.append(f"| {m['metric']} | " + " · ".join(f"{x:.1f}" for x in m["l0"]) + " | " + " | ".join(cells)
-                     + f" | {best} |")
+                     + f" | {best} | {fmt(se, '.3f')} |")
     return lines + [""]

@@ -108,7 +108,8 @@ def test_absorption_output_reduced_into_rows_and_report(tmp_path: Path) -> None:
 def test_compare_matches_regimes_at_equal_l0() -> None:
     def row(regime: str, l0: float, absorption: float) -> dict:
         return {"regime": regime, "reconstruction": {"subsets_no_prefix": {"all": {"l0": l0}}},
-                "saebench": {"absorption": {"mean_absorption_fraction": absorption}}}
+                "saebench": {"absorption": {"mean_absorption_fraction": absorption, "sd_absorption_fraction": 0.1,
+                                            "n_letters": 16}}}  # SE 0.025
 
     by_regime = {"fast": [row("fast", 16, 0.10), row("fast", 64, 0.30)],
                  "bt-p": [row("bt-p", 16, 0.20), row("bt-p", 64, 0.20)]}
@@ -117,7 +118,9 @@ def test_compare_matches_regimes_at_equal_l0() -> None:
     m = table[0]
     assert m["l0"][0] == pytest.approx(16) and m["l0"][-1] == pytest.approx(64)
     assert m["values"]["fast"][0] == pytest.approx(0.10) and m["best"][0] == "fast"  # lower absorption is better
-    assert m["best"][-1] == "bt-p"
+    assert m["best"][-1] == "bt-p" and m["se"] == pytest.approx(0.025)
+    by_regime["bt-p"][0]["saebench"]["absorption"]["mean_absorption_fraction"] = 0.12  # a lead of 0.02 < SE
+    assert matched_saebench(by_regime)[0]["best"][0] is None
     md = "\n".join(compare_lines({"regimes": {"fast": [], "bt-p": []}, "saebench": table}))
     assert "### SAEBench at matched L0" in md and "| absorption (mean fraction) | 16.0" in md
 
