@@ -18,3 +18,8 @@ fi
 if [ "${FAST_SAE_NO_VLLM:-0}" != 1 ]; then
   PYTHON="$PY" bash setup_vllm.sh
 fi
+# SAEBench (evaluate --saebench) lives in its own venv too (.venv-saebench/, ~4 min and ~2.8 GB the first time;
+# sae-bench pins numpy<2 and would replace the CPU torch). Its tests skip without it; FAST_SAE_NO_SAEBENCH=1 skips it.
+if [ "${FAST_SAE_NO_SAEBENCH:-0}" != 1 ]; then
+  PYTHON="$PY" bash setup_saebench.sh
+fi

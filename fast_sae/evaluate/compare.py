@@ -22,6 +22,8 @@ from .intervention_tables import compare_lines as intervention_lines
 from .plots import metric_by_regime
 from .probe_tables import compare_lines, matched_probes
 from .report import _get, _json_safe, fmt, judge_meaningful, read_report
+from .saebench.tables import compare_lines as saebench_lines
+from .saebench.tables import matched_saebench
 
 # the per-SAE table of a group: (label, dotted path, format)
 SAE_COLUMNS: list[tuple[str, str, str]] = [
@@ -42,16 +44,25 @@ JUDGE_PATH = "interpretability.scores.top_range_share"
 
 
 def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
-    """Rows of every report (an eval folder or a report.json), de-duplicated by (SAE path, eval cache)."""
+    """Rows of every report (an eval folder or a report.json), de-duplicated by (SAE path, eval cache); the
+    SAEBench results of a duplicate join the first row (each eval from the first report that has a result for
+    it), so SAEBench evaluations run in separate `evaluate` calls compare together."""
     if not paths:
         raise EvalError("compare: give at least one evaluation folder (written by `pipeline.py evaluate --out`)")
-    rows, seen = [], set()
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, dict[str, Any]] = {}
     for p in paths:
         for r in read_report(Path(p))["rows"]:
             key = (r.get("path"), r.get("eval_cache"))
             if key not in seen:
-                seen.add(key)
+                seen[key] = r
                 rows.append(r)
+            elif r.get("saebench"):
+                kept = seen[key].get("saebench") or {}
+                for ev, res in r["saebench"].items():
+                    if ev not in kept or ("error" in kept[ev] and "error" not in res):
+                        kept[ev] = res
+                seen[key]["saebench"] = kept
     return rows
 
 
@@ -117,7 +128,8 @@ def comparison(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"key": list(key), "title": f"{model} · layer {layer} · {arch} · d_sae {d_sae} · eval on {ev} "
                                                f"(`{ev_cache}`)",
                     "regimes": {reg: [r["name"] for r in rs] for reg, rs in by_regime.items()},
-                    "matched": matched(by_regime), "probes": matched_probes(by_regime), "saes": saes,
+                    "matched": matched(by_regime), "probes": matched_probes(by_regime),
+                    "saebench": matched_saebench(by_regime), "saes": saes,
                     "intervention": [{"regime": reg, "name": r["name"],
                                       "likelihood": _get(r, "intervention.likelihood")}
                                      for reg, rs in by_regime.items() for r in rs
@@ -193,6 +205,7 @@ def render_markdown(groups: list[dict[str, Any]]) -> str:
                   m["filter"] == FILTERS[0][0]] + [""]
         parts += compare_lines(g)
         parts += intervention_lines(g.get("intervention") or [])
+        parts += saebench_lines(g)
         parts += ["### Every SAE", ""] + _sae_table(g) + [""]
         if g.get("plots"):
             parts += [f"![{k}]({Path(v).name})" for k, v in g["plots"].items()] + [""]

@@ -17,6 +17,7 @@ from .errors import EvalError
 from .interpret.config import JudgeConfig
 from .probes import ProbeConfig
 from .reconstruction import ReconstructionConfig
+from .saebench.config import SAEBenchConfig
 from .sources import parse_aliases, parse_range
 
 
@@ -115,6 +116,7 @@ class EvalConfig:
                                                  help="Special-token intervention.")
     judge: JudgeConfig = setting(default_factory=JudgeConfig, prefix="judge-", help="The LLM judge.")
     probes: ProbeConfig = setting(default_factory=ProbeConfig, prefix="probe-", help="Chat-structure probes.")
+    saebench: SAEBenchConfig = setting(default_factory=SAEBenchConfig, prefix="saebench-", help="SAEBench.")
 
     def __post_init__(self) -> None:
         """One --device and --progress for every part; 0 tokens means no cap."""
@@ -126,6 +128,8 @@ class EvalConfig:
             part.device = self.device
         self.reconstruction.progress = self.downstream.progress = self.probes.progress = self.progress
         self.probes.check()
+        self.saebench.device = self.device
+        self.saebench.check()
         if not self.max_eval_tokens:
             self.max_eval_tokens = None
         if self.max_eval_tokens is not None and self.max_eval_tokens < 0:

@@ -232,6 +232,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
     parts += report_lines(rows)
     parts += _calibration_section(report.get("judge_calibration"))
+    from .saebench.tables import report_lines as saebench_lines
+
+    parts += saebench_lines(rows, report.get("saebench"))
     parts += _interpretability_section(rows)
     iv = [r for r in rows if r.get("intervention")]
     if iv:

@@ -159,6 +159,7 @@ def _settings(cfg: EvalConfig, plans: list[CachePlan]) -> dict[str, Any]:
             "intervention": asdict(cfg.intervention) if cfg.intervention.enabled else None,
             "judge": cfg.active_judge.describe() if cfg.active_judge else None,
             "probes": asdict(cfg.probes) if cfg.probes.enabled else None,
+            "saebench": asdict(cfg.saebench) if cfg.saebench.enabled else None,
             "headline_filter": HEADLINE_FILTER}
 
 
@@ -188,7 +189,8 @@ def _evaluate_cache(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, n
                             "training_overlap": plan.overlap[e.name], "normalization": facts.normalization,
                             "training_dataset": facts.dataset, "training": training_summary(e.path),
                             "reconstruction": res.to_dict() | {"feature_frequency_file": str(freq_file)},
-                            "downstream": None, "interpretability": None, "intervention": None, "probes": None}
+                            "downstream": None, "interpretability": None, "intervention": None, "probes": None,
+                            "saebench": None}
     if cfg.downstream.enabled:
         model_id = cfg.model or cache.meta.model_id
         down = evaluate_downstream(models[model_id][0], {e.name: (e.sae, e.layer) for e in entries}, cache, sel,
@@ -215,6 +217,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     sae_paths: list[str | Path] = list(cfg.saes)
     entries = load_entries(sae_paths, device=cfg.device)
     plans, warnings = _plan(cfg, entries)  # every check first: fail before any long pass
+    if cfg.saebench.enabled:
+        cfg.saebench.venv_python()  # a missing venv fails now, not after the long passes
     models = _load_models(cfg, plans, models, log)
     report = new_report(redact_argv(sys.argv), _settings(cfg, plans))  # no credential in a report
     report["warnings"] += warnings
@@ -225,6 +229,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print,
     if cfg.probes.enabled:
         for p in plans:
             _probe(cfg, entries, p, rows_by_cache[str(p.cache.path)], log)
+    if cfg.saebench.enabled:
+        _saebench(cfg, entries, plans[0], rows_by_cache[str(plans[0].cache.path)], report, log)
     try:
         if cfg.active_judge is not None and cfg.judge.calibrate:
             report["judge_calibration"] = _calibrate(cfg, plans[0], models, log)
@@ -317,6 +323,20 @@ def _probe(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict
         results = probe_layer({e.name: e.sae for e in group}, plan.cache, layer, plan.selection, cfg.probes, render)
         for e in group:
             rows[e.name]["probes"] = results[e.name]
+
+
+def _saebench(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
+              report: dict[str, Any], log: Callable[[str], None]) -> None:
+    """SAEBench's own evaluations of every SAE (evaluate.saebench), in its venv; core reads the held-out tokens
+    of the first eval cache, so the results go to that cache's rows."""
+    from .saebench.run import run_saebench
+
+    model_id = cfg.model or plan.cache.meta.model_id
+    done = run_saebench(cfg.saebench, entries, plan.cache, plan.held_out, model_id, cfg.out / "saebench", log)
+    report["saebench"] = done["settings"]
+    report["warnings"] += done["warnings"]
+    for e in entries:
+        rows[e.name]["saebench"] = done["per_sae"].get(e.name) or None
 
 
 def _intervene(cfg: EvalConfig, entries: list[SAEEntry], plan: CachePlan, rows: dict[str, dict[str, Any]],
