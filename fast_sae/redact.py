@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any, overload
 
 MASK = "***"
 _SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential", "auth", "signature", "session",
@@ -102,6 +103,14 @@ def redact_argv(argv: Sequence[str], option_flags: Iterable[str] = ("--storage-o
         else:
             out.append(redact_text(arg))
     return out
+
+
+@overload
+def redact_tree(obj: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@overload
+def redact_tree(obj: object) -> object: ...
 
 
 def redact_tree(obj: object) -> object:

@@ -145,7 +145,7 @@ def new_report(command: list[str], settings: dict[str, Any]) -> dict[str, Any]:
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     json_file, md_file = out / REPORT_JSON, out / REPORT_MD
-    shown: Any = redact_tree(report)  # no credential given on the command line reaches a report
+    shown = redact_tree(report)  # no credential given on the command line reaches a report
     json_file.write_text(json.dumps(_json_safe(shown), indent=1, ensure_ascii=False))
     md_file.write_text(render_markdown(shown))
     return json_file, md_file

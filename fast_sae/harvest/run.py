@@ -113,13 +113,6 @@ class HarvestConfig:
         return d
 
 
-def _recorded(args: dict[str, Any]) -> dict[str, Any]:
-    """Harvest arguments as the cache records them: a URL's credentials (a dataset behind basic auth)
-    are hidden (fast_sae/redact.py); the same on every resume, so the comparison still holds."""
-    out: Any = redact_tree(args)
-    return dict(out)
-
-
 def build_stream(cfg: HarvestConfig, tokenizer: Any) -> tuple[TokenArrays, str, Any]:
     assert cfg.dataset is not None  # resolved() chose the embedded default
     src = DataSource(cfg.dataset, cfg.dataset_split, cfg.dataset_config, cfg.max_samples)
@@ -170,7 +163,9 @@ def run_harvest(cfg: HarvestConfig, log: Any = print, engine: Engine | None = No
         dataset=redact_url(cfg.dataset or ""), dataset_fingerprint=fingerprint, chat_template_hash=info.template_hash,
         n_tokens=len(stream.ids), n_sequences=len(stream.seq_starts) - 1, chunk_tokens=cfg.chunk_tokens,
         compression=cfg.compression, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        special_token_ids=[int(i) for i in info.special_ids], harvest_args=_recorded(cfg.byte_args()),
+        special_token_ids=[int(i) for i in info.special_ids],
+        # a URL's credentials hidden, the same on every resume, so the comparison still holds
+        harvest_args=redact_tree(cfg.byte_args()),
         engine=cfg.backend, engine_version=engine_version(cfg.backend), model_dtype=cfg.model_dtype)
     worker = parse_worker(cfg.worker or "0/1")
     options = cfg.storage.options()

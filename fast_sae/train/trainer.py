@@ -154,11 +154,10 @@ class Trainer:
     def _run_config(self) -> dict[str, Any]:
         """The run's configuration as run_config.json records it (a URL's credentials hidden, the same
         way on every call, so a resume compares like with like)."""
-        doc: Any = redact_tree({"train": dataclasses.asdict(self.cfg), "grid": dataclasses.asdict(self.grid),
-                                "cache": _cache_identity(self.cache), "cache_path": str(self.cache.path.resolve()),
-                                "world_size": self.dist.world, "split": self.split.to_json(),
-                                "saes": [s.name for s in self.specs]})
-        return dict(doc)
+        return redact_tree({"train": dataclasses.asdict(self.cfg), "grid": dataclasses.asdict(self.grid),
+                            "cache": _cache_identity(self.cache), "cache_path": str(self.cache.path.resolve()),
+                            "world_size": self.dist.world, "split": self.split.to_json(),
+                            "saes": [s.name for s in self.specs]})
 
     def _build_groups(self, specs: list[SAESpec], scales: dict[int, float], stream: TokenStream,
                       resuming: bool) -> dict[str, SAEGroup]:
